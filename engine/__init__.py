@@ -1,0 +1,10 @@
+"""Ray-free core of the server: model, weights, KV cache, scheduler, sampling, speculation.
+
+Data flow of one engine step (SGLang-style naming, so a reader knows which object
+crosses which boundary):
+
+    Request -> Sequence (scheduler.py) -> StepBatch (scheduler.py)
+            -> ModelInput (runner.py, tensors) -> executor -> StepOutput (tokens)
+
+Nothing in this package imports ray; actors/ wraps these objects.
+"""

@@ -1,0 +1,121 @@
+"""Model configuration read from a Hugging Face ``config.json``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The Llama-architecture hyper-parameters the engine needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            rope_theta=d.get("rope_theta", 10000.0),
+            rope_scaling=d.get("rope_scaling"),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    @classmethod
+    def from_path(cls, path: str) -> "ModelConfig":
+        """path: a checkpoint directory or a config.json file."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def validate_tp(self, world_size: int) -> None:
+        """Raise ValueError unless ``world_size`` shards this model evenly."""
+        if world_size < 1:
+            raise ValueError(f"tp must be >= 1, got {world_size}")
+        if self.num_attention_heads % world_size:
+            raise ValueError(
+                f"tp={world_size} must divide the {self.num_attention_heads} attention heads"
+            )
+        kv = self.num_key_value_heads
+        if kv % world_size and world_size % kv:
+            raise ValueError(
+                f"tp={world_size} must divide the {kv} KV heads or be a multiple of them"
+            )
+
+
+SPECULATION_MODES = ("off", "eagle", "medusa")
+
+
+@dataclass
+class EngineConfig:
+    """Everything needed to build one engine replica (shared with actors/ and app/).
+
+    model: a HF checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct.
+    speculation: the drafter kind loaded at start ("off", "eagle", "medusa"); requests
+        and the router may switch speculation off per step, never on without a drafter.
+    draft_path: drafter directory; None means the shipped drafter of the default model.
+    tree_budget: draft tree nodes per sequence per step (0 disables speculation).
+    num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
+    """
+
+    model: str = "default"
+    tp: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gib: float = 0.5
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    speculation: str = "off"
+    draft_path: str | None = None
+    tree_budget: int = 60
+    draft_depth: int = 6
+    draft_top_k: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.speculation not in SPECULATION_MODES:
+            raise ValueError(f"speculation must be one of {SPECULATION_MODES}, got {self.speculation!r}")
+        for name in ("tp", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.tree_budget < 0:
+            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if self.device.startswith("cuda") and self.dtype == "float32":
+            pass  # allowed, just slow

@@ -1,0 +1,331 @@
+"""LLMEngine: requests in, tokens out, one batched step at a time.
+
+Each ``step()``: the scheduler picks a prefill or a decode batch; for a decode
+batch the drafter (if any) proposes a token tree per speculating sequence, the
+target verifies all trees in one forward (tree attention), each sequence
+accepts its own path plus a bonus token, and only accepted tokens stay in the
+KV cache (compaction). ``add_request``/``abort`` may be called from other
+threads; they take effect at the next step.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.executor import Executor, InProcessExecutor
+from engine.kv_cache import BlockAllocator
+from engine.runner import SeqInput, build_model_input
+from engine.sampling import SamplingParams, sample
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+from engine.verify import verify_greedy, verify_sampling
+from engine.weights import resolve_model
+
+
+class RequestError(ValueError):
+    """A request the engine can never serve (too long, bad parameters)."""
+
+
+@dataclass
+class DraftTree:
+    """Draft nodes below a sequence's pending token (the root, not listed here).
+
+    tokens: [n] token ids; parents: [n] parent index among these nodes, -1 = root.
+    draft_probs: per node, the distribution it was sampled from, or None (top-k pick).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    draft_probs: list | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    seq: Sequence | None = field(default=None, repr=False)
+
+
+@dataclass
+class StepStats:
+    kind: str
+    batch_size: int
+    tokens: int  # tokens committed this step
+    tree_nodes: int  # draft nodes verified this step
+    draft_time: float
+    verify_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, drafter=None, tokenizer=None):
+        self.config = config
+        model_dir = None
+        if executor is None:
+            model_dir = resolve_model(config.model)
+            executor = InProcessExecutor(model_dir, config.dtype, config.device)
+        self.executor = executor
+        self.model_config = executor.config
+        self.tokenizer = tokenizer
+        if tokenizer is None and model_dir is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        num_blocks = config.num_blocks or max(
+            1, int(config.kv_cache_gib * 2**30 // executor.kv_bytes_per_block(config.block_size))
+        )
+        executor.allocate_kv(num_blocks, config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.drafter = drafter
+        self.speculate = drafter is not None and config.tree_budget > 0  # router may flip this
+        self.tree_budget = config.tree_budget
+        self.eos_ids = set(self.model_config.eos_token_id)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._requests: dict[str, Sequence] = {}
+        self._inbox: list = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.last_step: StepStats | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    speculation: str | None = None) -> str:
+        """prompt: token ids or text. Raises RequestError for requests that can never run."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt = self.tokenizer.encode(prompt)
+        prompt = list(prompt)
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise RequestError("prompt token ids must be in [0, vocab_size)")
+        if len(prompt) >= self.config.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens; this model's context is {self.config.max_model_len}"
+            )
+        need = self.allocator.blocks_for(len(prompt) + 1 + self.tree_budget)
+        if need > self.allocator.num_blocks:
+            raise RequestError(f"the prompt needs {need} KV blocks; the cache has {self.allocator.num_blocks}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, prompt, params)
+        if speculation not in (None, "auto"):
+            seq.speculation = speculation
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer")
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self._requests[request_id] = seq
+            self._inbox.append(("add", seq))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._inbox) or self.scheduler.has_work()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        outs = []
+        for kind, item in inbox:
+            if kind == "add":
+                self.scheduler.add(item)
+            else:
+                seq = self._requests.get(item)
+                if seq is not None and not seq.finished:
+                    self._finish(seq, "abort")
+                    outs.append(self._output(seq, []))
+        return outs
+
+    # ------------------------------------------------------------------ step
+
+    def _tree_budget(self, seq: Sequence) -> int:
+        if not self.speculate or self.drafter is None or seq.speculation == "off":
+            return 0
+        if seq.speculation not in (None, self.drafter.kind):
+            return 0  # asked for a drafter this replica does not have
+        return self.tree_budget
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain_inbox()
+        batch = self.scheduler.schedule(self._tree_budget)
+        if batch is None:
+            return outputs
+        if batch.kind == "prefill":
+            outputs += self._prefill(batch.seqs)
+        else:
+            outputs += self._decode(batch.seqs, batch.tree_budgets)
+        return outputs
+
+    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        inputs = []
+        for s in seqs:
+            toks = s.tokens[s.num_cached :]
+            inputs.append(SeqInput(toks, list(range(s.num_cached, len(s))), s.block_table, s.num_cached))
+        inp = build_model_input(inputs, self.config.block_size)
+        out = self.executor.execute(inp)
+        outputs = []
+        for b, s in enumerate(seqs):
+            start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
+            s.num_cached = len(s)
+            if self.drafter is not None:
+                self.drafter.on_prefill(s, inp.input_ids[start:end], out.hidden[start:end])
+            token = sample(out.logits[b], s.params, s.generator or self.generator)
+            if s.stats.first_token is None:
+                s.stats.first_token = time.perf_counter()
+            outputs.append(self._commit(s, [token]))
+        self.last_step = StepStats("prefill", len(seqs), len(seqs), 0, 0.0, time.perf_counter() - t0)
+        return outputs
+
+    def _decode(self, seqs: list[Sequence], budgets: list[int]) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        trees: list[DraftTree | None] = [None] * len(seqs)
+        spec = [i for i, b in enumerate(budgets) if b > 0]
+        if spec:
+            try:
+                drafted = self.drafter.propose([seqs[i] for i in spec], [budgets[i] for i in spec])
+                for i, tree in zip(spec, drafted):
+                    trees[i] = tree
+            except Exception as exc:  # a failing drafter must not take the replica down
+                self.on_drafter_failure(exc)
+        t1 = time.perf_counter()
+        inputs = []
+        for s, tree in zip(seqs, trees):
+            tokens, parents = [s.tokens[-1]], [-1]
+            if tree is not None and tree.tokens:
+                tokens += tree.tokens
+                parents += [p + 1 for p in tree.parents]  # shift: local 0 is the root
+            depth = [0] * len(parents)
+            for i in range(1, len(parents)):
+                depth[i] = depth[parents[i]] + 1
+            inputs.append(SeqInput(
+                tokens, [s.num_cached + d for d in depth], s.block_table, s.num_cached,
+                tree_parents=parents if len(tokens) > 1 else None,
+                logits_rows=list(range(len(tokens))),
+            ))
+        inp = build_model_input(inputs, self.config.block_size)
+        out = self.executor.execute(inp)
+        outputs, src, dst, nodes, committed = [], [], [], 0, 0
+        for b, (s, tree, si) in enumerate(zip(seqs, trees, inputs)):
+            start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
+            logits = out.logits[start:end]
+            parents = si.tree_parents or [-1]
+            if s.params.greedy:
+                path, bonus = verify_greedy(si.token_ids, parents, logits)
+            else:
+                probs = None
+                if tree is not None and tree.draft_probs is not None:
+                    probs = [None] + list(tree.draft_probs)
+                path, bonus = verify_sampling(si.token_ids, parents, logits, s.params,
+                                              s.generator or self.generator, probs)
+            # Compaction: node path[j] was written at position num_cached + path[j]; move it to num_cached + j.
+            for j, node in enumerate(path):
+                if node != j:
+                    src.append(self.allocator.slot(s.block_table, s.num_cached + node))
+                    dst.append(self.allocator.slot(s.block_table, s.num_cached + j))
+            accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
+            if self.drafter is not None:
+                self.drafter.on_verified(s, [si.token_ids[n] for n in path], out.hidden[start:end][path], bonus)
+            s.num_cached += len(path)
+            nodes += len(si.token_ids) - 1
+            s.stats.verify_steps += 1
+            s.stats.drafted += len(si.token_ids) - 1
+            out_ = self._commit(s, accepted)
+            s.stats.committed += len(out_.new_token_ids)
+            committed += len(out_.new_token_ids)
+            outputs.append(out_)
+        if src:
+            self.executor.move_kv(torch.tensor(src), torch.tensor(dst))
+        t2 = time.perf_counter()
+        for s in seqs:
+            if not s.finished:
+                self.scheduler.after_step(s)
+                s.stats.draft_time += (t1 - t0) / len(seqs)
+                s.stats.verify_time += (t2 - t1) / len(seqs)
+        self.last_step = StepStats("decode", len(seqs), committed, nodes, t1 - t0, t2 - t1)
+        return outputs
+
+    def on_drafter_failure(self, exc: Exception) -> None:
+        """Keep serving without speculation; the owner (actors/) may bring the drafter back."""
+        import logging
+
+        logging.getLogger(__name__).warning("drafter failed, speculation off: %s", exc)
+        self.speculate = False
+
+    # ------------------------------------------------------------------ commit / finish
+
+    def _commit(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
+        """Append tokens one at a time, stopping at EOS, stop ids/strings, max_tokens or context end."""
+        new = []
+        p = seq.params
+        for t in tokens:
+            seq.output_token_ids.append(t)
+            new.append(t)
+            reason = None
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+                reason = "stop"
+            elif p.stop:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+                hit = min((text.find(x) for x in p.stop if x in text), default=-1)
+                if hit >= 0:
+                    seq.output_text, reason = text[:hit], "stop"
+            if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.config.max_model_len):
+                reason = "length"
+            if reason:
+                self._finish(seq, reason)
+                break
+        return self._output(seq, new)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.stats.finished = time.perf_counter()
+        if self.drafter is not None:
+            self.drafter.on_finish(seq)
+        with self._lock:
+            self._requests.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(seq.request_id, new, list(seq.output_token_ids), seq.finished, seq.finish_reason,
+                             seq.num_prompt, seq)
+
+    # ------------------------------------------------------------------ convenience
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run prompts (token lists or text) to completion; outputs in prompt order."""
+        from tqdm import tqdm
+
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", disable=not progress)
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+                    bar.update(1)
+        bar.close()
+        return [final[i] for i in ids]
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.allocator.num_used

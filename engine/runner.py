@@ -1,0 +1,168 @@
+"""One rank's model and KV cache, and the tensors one forward consumes.
+
+``ModelInput`` is what crosses the executor boundary (to a Ray actor per TP rank
+in actors/); ``ModelOutput`` comes back from rank 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from engine.model import LlamaForCausalLM
+from engine.parallel import TPGroup
+from engine.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInput:
+    """The new tokens of B sequences, flattened to N rows.
+
+    input_ids, positions, slot_mapping: [N] int64
+    block_tables: [B, max_blocks] int32
+    context_lens, query_start_loc: B and B+1 ints
+    tree_mask: None (causal) or bool [N, max_T]
+    logits_indices: [M] rows whose logits the caller wants
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: list[int]
+    query_start_loc: list[int]
+    tree_mask: torch.Tensor | None
+    logits_indices: torch.Tensor
+
+    def metadata(self, device) -> AttentionMetadata:
+        return AttentionMetadata(
+            self.slot_mapping.to(device),
+            self.block_tables.to(device),
+            self.context_lens,
+            self.query_start_loc,
+            None if self.tree_mask is None else self.tree_mask.to(device),
+        )
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [M, V] fp32, rows of logits_indices
+    hidden: torch.Tensor  # [N, hidden], final hidden state of every row (drafter features)
+
+
+@dataclass
+class SeqInput:
+    """One sequence's share of a forward: tokens to run and where they go."""
+
+    token_ids: list[int]
+    positions: list[int]
+    block_table: list[int]
+    context_len: int  # tokens already cached before this forward
+    tree_parents: list[int] | None = None  # None: causal; else parent index per token (-1 root)
+    logits_rows: list[int] | None = None  # local rows whose logits are wanted; None: last only
+
+
+def build_model_input(seqs: list[SeqInput], block_size: int) -> ModelInput:
+    """Flatten per-sequence inputs into one ModelInput."""
+    ids, pos, slots, qsl, logits_idx = [], [], [], [0], []
+    any_tree = any(s.tree_parents is not None for s in seqs)
+    max_t = max(len(s.token_ids) for s in seqs)
+    max_blocks = max(len(s.block_table) for s in seqs)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    masks = []
+    for b, s in enumerate(seqs):
+        t = len(s.token_ids)
+        ids += s.token_ids
+        pos += s.positions
+        # New tokens go to cache positions context_len .. context_len+t-1 (tree scratch for trees).
+        for i in range(t):
+            p = s.context_len + i
+            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+        tables[b, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        rows = s.logits_rows if s.logits_rows is not None else [t - 1]
+        logits_idx += [qsl[-1] + r for r in rows]
+        qsl.append(qsl[-1] + t)
+        if any_tree:
+            m = torch.zeros(t, max_t, dtype=torch.bool)
+            if s.tree_parents is None:
+                m[:, :t] = torch.ones(t, t, dtype=torch.bool).tril()
+            else:
+                for i, p in enumerate(s.tree_parents):
+                    if p >= 0:
+                        m[i] = m[p]
+                    m[i, i] = True
+            masks.append(m)
+    return ModelInput(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        positions=torch.tensor(pos, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        block_tables=tables,
+        context_lens=[s.context_len for s in seqs],
+        query_start_loc=qsl,
+        tree_mask=torch.cat(masks) if any_tree else None,
+        logits_indices=torch.tensor(logits_idx, dtype=torch.long),
+    )
+
+
+class ModelRunner:
+    """Builds this rank's model shard, loads its weights and owns its KV cache slice."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        tp: TPGroup | None = None,
+        config: ModelConfig | None = None,
+        load: bool = True,
+    ):
+        self.tp = tp or TPGroup()
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.config = config or ModelConfig.from_path(model_dir)
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
+        if load:
+            load_weights(self.model, model_dir)
+        self.model.eval()
+        self.block_size = 0
+        self.num_blocks = 0
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        attn = self.model.layers[0].self_attn
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_token * block_size * len(self.model.layers)
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        """One [num_blocks, block_size, n_kv_local, head_dim] K and V tensor per layer."""
+        self.num_blocks, self.block_size = num_blocks, block_size
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> ModelOutput:
+        dev = self.device
+        hidden = self.model(inp.input_ids.to(dev), inp.positions.to(dev), inp.metadata(dev))
+        logits = self.model.compute_logits(hidden[inp.logits_indices.to(dev)])
+        return ModelOutput(logits.float().cpu(), hidden.cpu())
+
+    @torch.inference_mode()
+    def move_kv(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Copy K/V of flat cache slots src [M] to dst [M] in every layer (KV compaction).
+
+        The gather happens before the scatter, so overlapping ranges are safe.
+        """
+        if len(src_slots) == 0:
+            return
+        src, dst = src_slots.to(self.device), dst_slots.to(self.device)
+        for layer in self.model.layers:
+            for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):
+                flat = cache.view(-1, *cache.shape[2:])
+                flat[dst] = flat[src]
