@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -28,6 +29,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         heads = d["num_attention_heads"]
+        # transformers v5 writes "rope_parameters" (theta inside); v4 checkpoints use
+        # "rope_theta" + "rope_scaling". Accept both.
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", "default") != "default" else d.get("rope_scaling")
         eos = d.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -39,8 +45,8 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=d.get("rope_theta", 10000.0),
-            rope_scaling=d.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
@@ -117,5 +123,16 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.tree_budget < 0:
             raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and self.dtype == "float32":
             pass  # allowed, just slow
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise ValueError unless this config can serve ``model`` (TP split, context length)."""
+        model.validate_tp(self.tp)
+        if self.max_model_len > model.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"{model.max_position_embeddings} positions"
+            )

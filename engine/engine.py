@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
+from engine.drafters.base import DraftTree, Drafter
 from engine.executor import Executor, InProcessExecutor
 from engine.kv_cache import BlockAllocator
 from engine.runner import SeqInput, build_model_input
@@ -29,19 +30,6 @@ from engine.weights import resolve_model
 
 class RequestError(ValueError):
     """A request the engine can never serve (too long, bad parameters)."""
-
-
-@dataclass
-class DraftTree:
-    """Draft nodes below a sequence's pending token (the root, not listed here).
-
-    tokens: [n] token ids; parents: [n] parent index among these nodes, -1 = root.
-    draft_probs: per node, the distribution it was sampled from, or None (top-k pick).
-    """
-
-    tokens: list[int]
-    parents: list[int]
-    draft_probs: list | None = None
 
 
 @dataclass
@@ -84,9 +72,12 @@ class LLMEngine:
         )
         executor.allocate_kv(num_blocks, config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
+        # One sequence alone must always fit, or a long generation could wedge the cache.
+        self.max_model_len = min(config.max_model_len, num_blocks * config.block_size - 1)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.drafter = drafter
-        self.speculate = drafter is not None and config.tree_budget > 0  # router may flip this
+        self.drafter_healthy = drafter is not None  # false after a failure, until replaced
+        self.speculate = config.tree_budget > 0  # the policy (router) flips this; needs a healthy drafter
         self.tree_budget = config.tree_budget
         self.eos_ids = set(self.model_config.eos_token_id)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -113,13 +104,12 @@ class LLMEngine:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt):
             raise RequestError("prompt token ids must be in [0, vocab_size)")
-        if len(prompt) >= self.config.max_model_len:
+        if len(prompt) >= self.max_model_len:
             raise RequestError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.config.max_model_len}"
+                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                f"(max_model_len {self.config.max_model_len}, KV cache {self.allocator.num_blocks} blocks "
+                f"of {self.config.block_size})"
             )
-        need = self.allocator.blocks_for(len(prompt) + 1 + self.tree_budget)
-        if need > self.allocator.num_blocks:
-            raise RequestError(f"the prompt needs {need} KV blocks; the cache has {self.allocator.num_blocks}")
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt, params)
         if speculation not in (None, "auto"):
@@ -158,7 +148,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     def _tree_budget(self, seq: Sequence) -> int:
-        if not self.speculate or self.drafter is None or seq.speculation == "off":
+        if not (self.speculate and self.drafter_healthy) or seq.speculation == "off":
             return 0
         if seq.speculation not in (None, self.drafter.kind):
             return 0  # asked for a drafter this replica does not have
@@ -187,9 +177,8 @@ class LLMEngine:
         for b, s in enumerate(seqs):
             start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
             s.num_cached = len(s)
-            if self.drafter is not None:
-                self.drafter.on_prefill(s, inp.input_ids[start:end], out.hidden[start:end])
             token = sample(out.logits[b], s.params, s.generator or self.generator)
+            self._call_drafter("on_prefill", s.request_id, s.tokens, out.hidden[start:end], token)
             if s.stats.first_token is None:
                 s.stats.first_token = time.perf_counter()
             outputs.append(self._commit(s, [token]))
@@ -202,7 +191,7 @@ class LLMEngine:
         spec = [i for i, b in enumerate(budgets) if b > 0]
         if spec:
             try:
-                drafted = self.drafter.propose([seqs[i] for i in spec], [budgets[i] for i in spec])
+                drafted = self.drafter.propose([seqs[i].request_id for i in spec], [budgets[i] for i in spec])
                 for i, tree in zip(spec, drafted):
                     trees[i] = tree
             except Exception as exc:  # a failing drafter must not take the replica down
@@ -243,8 +232,8 @@ class LLMEngine:
                     src.append(self.allocator.slot(s.block_table, s.num_cached + node))
                     dst.append(self.allocator.slot(s.block_table, s.num_cached + j))
             accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
-            if self.drafter is not None:
-                self.drafter.on_verified(s, [si.token_ids[n] for n in path], out.hidden[start:end][path], bonus)
+            self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
+                               out.hidden[start:end][path], bonus)
             s.num_cached += len(path)
             nodes += len(si.token_ids) - 1
             s.stats.verify_steps += 1
@@ -264,12 +253,40 @@ class LLMEngine:
         self.last_step = StepStats("decode", len(seqs), committed, nodes, t1 - t0, t2 - t1)
         return outputs
 
+    def _call_drafter(self, method: str, *args) -> None:
+        if not self.drafter_healthy:
+            return
+        try:
+            getattr(self.drafter, method)(*args)
+        except Exception as exc:
+            self.on_drafter_failure(exc)
+
     def on_drafter_failure(self, exc: Exception) -> None:
         """Keep serving without speculation; the owner (actors/) may bring the drafter back."""
         import logging
 
         logging.getLogger(__name__).warning("drafter failed, speculation off: %s", exc)
-        self.speculate = False
+        self.drafter_healthy = False
+
+    def set_drafter(self, drafter) -> None:
+        """Install a (new) drafter; requests it has not seen simply get no tree."""
+        self.drafter = drafter
+        self.drafter_healthy = drafter is not None
+
+    def fail_all(self, reason: str = "error") -> list[RequestOutput]:
+        """Finish every unfinished request with ``reason`` (e.g. the executor lost a shard).
+
+        Their KV blocks and drafter state are freed; the engine can serve new requests
+        once its executor works again.
+        """
+        with self._lock:
+            self._inbox = []
+            seqs = list(self._requests.values())
+        outputs = []
+        for seq in seqs:
+            self._finish(seq, reason)
+            outputs.append(self._output(seq, []))
+        return outputs
 
     # ------------------------------------------------------------------ commit / finish
 
@@ -288,7 +305,7 @@ class LLMEngine:
                 hit = min((text.find(x) for x in p.stop if x in text), default=-1)
                 if hit >= 0:
                     seq.output_text, reason = text[:hit], "stop"
-            if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.config.max_model_len):
+            if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
                 reason = "length"
             if reason:
                 self._finish(seq, reason)
@@ -298,8 +315,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         seq.stats.finished = time.perf_counter()
-        if self.drafter is not None:
-            self.drafter.on_finish(seq)
+        self._call_drafter("release", seq.request_id)
         with self._lock:
             self._requests.pop(seq.request_id, None)
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
+from kernels.compaction import copy_slots
+from kernels.tree import ancestor_mask
 from engine.config import ModelConfig
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup
@@ -91,10 +93,7 @@ def build_model_input(seqs: list[SeqInput], block_size: int) -> ModelInput:
             if s.tree_parents is None:
                 m[:, :t] = torch.ones(t, t, dtype=torch.bool).tril()
             else:
-                for i, p in enumerate(s.tree_parents):
-                    if p >= 0:
-                        m[i] = m[p]
-                    m[i, i] = True
+                m[:, :t] = ancestor_mask(s.tree_parents)
             masks.append(m)
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
@@ -163,6 +162,5 @@ class ModelRunner:
             return
         src, dst = src_slots.to(self.device), dst_slots.to(self.device)
         for layer in self.model.layers:
-            for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):
-                flat = cache.view(-1, *cache.shape[2:])
-                flat[dst] = flat[src]
+            copy_slots(layer.self_attn.k_cache, src, dst)
+            copy_slots(layer.self_attn.v_cache, src, dst)

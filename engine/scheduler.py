@@ -38,7 +38,7 @@ class Scheduler:
 
     def schedule(self, tree_budget_of) -> StepBatch | None:
         """tree_budget_of(seq) -> draft nodes that seq would like to verify this step."""
-        batch = self._admit(tree_budget_of)
+        batch = self._admit()
         if batch is not None:
             return batch
         if not self.running:
@@ -57,7 +57,7 @@ class Scheduler:
                 self.preempt(self.running[-1])
                 budgets.pop()
 
-    def _admit(self, tree_budget_of) -> StepBatch | None:
+    def _admit(self) -> StepBatch | None:
         admitted, tokens = [], 0
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -65,8 +65,8 @@ class Scheduler:
             if admitted and tokens + n > self.max_num_batched_tokens:
                 break
             try:
-                # The prompt, its first sampled token and one step's tree scratch.
-                self.allocator.reserve(seq.block_table, len(seq) + 1 + tree_budget_of(seq))
+                # The prompt and its first sampled token; tree scratch is reserved per decode step.
+                self.allocator.reserve(seq.block_table, len(seq) + 1)
             except OutOfBlocks:
                 break
             self.waiting.popleft()

@@ -27,8 +27,11 @@ from kernels.tree import pack_mask
 
 @triton.jit
 def _load_kv(cache_ptr, bt_ptr, pos, valid, offs_d, d_valid, kv_head, block_size,
-             stride_cb, stride_cs, stride_ch, MASKED: tl.constexpr):
-    """Keys or values of token positions ``pos`` [BLOCK_N] of one sequence: [BLOCK_N, BLOCK_D]."""
+             stride_cb, stride_cs, stride_ch, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Keys or values of token positions ``pos`` [BLOCK_N] of one sequence: [BLOCK_N, BLOCK_D].
+
+    MASKED=False (full prefix tiles) and EVEN_D (head_dim a power of two) load with no mask.
+    """
     # Gather per position: a tile may span several cache blocks, in any order.
     if MASKED:
         block = tl.load(bt_ptr + pos // block_size, mask=valid, other=0).to(tl.int64)
@@ -38,6 +41,8 @@ def _load_kv(cache_ptr, bt_ptr, pos, valid, offs_d, d_valid, kv_head, block_size
             + kv_head * stride_ch + offs_d[None, :])
     if MASKED:
         return tl.load(ptrs, mask=valid[:, None] & d_valid[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
     return tl.load(ptrs, mask=d_valid[None, :], other=0.0)
 
 
@@ -67,7 +72,7 @@ def _tree_attention_kernel(
     stride_cb, stride_cs, stride_ch,
     stride_bt, stride_mask,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -102,9 +107,9 @@ def _tree_attention_kernel(
     for i in range(0, n_full):
         pos = i * BLOCK_N + offs_n
         k = _load_kv(k_cache_ptr, bt_ptr, pos, pos < prefix, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=False)
+                     stride_cb, stride_cs, stride_ch, MASKED=False, EVEN_D=EVEN_D)
         v = _load_kv(v_cache_ptr, bt_ptr, pos, pos < prefix, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=False)
+                     stride_cb, stride_cs, stride_ch, MASKED=False, EVEN_D=EVEN_D)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, None, qk_scale,
                                              MASKED=False, DOT_PRECISION=DOT_PRECISION)
     # Phase 1b: the partial last prefix tile, masked to the prefix length only.
@@ -112,9 +117,9 @@ def _tree_attention_kernel(
         pos = n_full * BLOCK_N + offs_n
         in_range = pos < prefix
         k = _load_kv(k_cache_ptr, bt_ptr, pos, in_range, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True)
+                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
         v = _load_kv(v_cache_ptr, bt_ptr, pos, in_range, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True)
+                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, in_range[None, :], qk_scale,
                                              MASKED=True, DOT_PRECISION=DOT_PRECISION)
 
@@ -129,9 +134,9 @@ def _tree_attention_kernel(
         col_valid = col < n_new
         pos = prefix + col
         k = _load_kv(k_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True)
+                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
         v = _load_kv(v_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True)
+                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
         if IS_CAUSAL:
             visible = (col[None, :] <= tok[:, None]) & col_valid[None, :]
         else:
@@ -199,6 +204,7 @@ def paged_attention_packed(
     if not is_causal and packed_mask.stride(1) != 1:
         mask = packed_mask.contiguous()
 
+    block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (batch, n_kv, triton.cdiv(max_query_len * group, block_m))
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, mask,
@@ -207,7 +213,7 @@ def paged_attention_packed(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), 0 if is_causal else mask.stride(0),
         GROUP=group, HEAD_DIM=head_dim, IS_CAUSAL=is_causal,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kernels import compaction, reference
-from kernels.tree import batch_tree_mask
+from kernels.tree import batch_tree_mask, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,6 +49,7 @@ triton_attention, triton_compaction = _import_triton_modules()
 def _triton_interpreter(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 ATTENTION = {"torch": reference.paged_attention, "triton": triton_attention.paged_attention}
 COMPACT = {"torch": compaction.compact_kv, "triton": triton_compaction.compact_kv}
@@ -155,6 +156,10 @@ def run(backend, batch: Batch, tree=True, **kw):
                               batch.context_lens, batch.query_start_loc, mask, **kw)
 
 
+def i32(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
 def assert_close(actual, expected, tol=2e-5):
     torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), atol=tol, rtol=tol)
 
@@ -193,7 +198,22 @@ def test_triton_large_tree_and_tile_shapes():
     expected = path_oracle(batch)
     assert_close(run("torch", batch), expected)
     assert_close(run("triton", batch), expected)
-    assert_close(run("triton", batch, block_m=32, block_n=32), expected)
+    words = pack_mask(batch_tree_mask(batch.parents, DEVICE))
+    for block_m, block_n in [(16, 32), (32, 16), (64, 64)]:
+        out = triton_attention.paged_attention_packed(
+            batch.q, batch.k_cache, batch.v_cache, batch.block_tables, i32(batch.context_lens),
+            i32(batch.query_start_loc), words, block_m=block_m, block_n=block_n)
+        assert_close(out, expected)
+
+
+def test_triton_half_precision():
+    # fp16 storage, fp32 accumulation. (bf16 is checked on GPU only: the triton 3.9
+    # interpreter multiplies bf16 bit patterns in tl.dot, triton-lang/triton#11584.)
+    batch = make_batch(7, [19, 0], [("random", 21), ("chain", 3)], n_kv=2, group=4, block_size=8,
+                       dtype=torch.float16)
+    out = run("triton", batch)
+    assert out.dtype == torch.float16
+    assert_close(out, path_oracle(batch), tol=4e-3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -205,11 +225,8 @@ def test_causal_chunk_and_decode(backend):
     assert_close(run(backend, batch, tree=False, scale=0.3), path_oracle(batch, scale=0.3))
 
 
-def test_triton_packed_entry_shares_mask_words():
-    from kernels.tree import pack_mask
-
+def test_triton_packed_entry_with_max_query_len():
     batch = make_batch(6, [5, 11], [("random", 10), ("wide", 6)], n_kv=1, group=3, block_size=4)
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
     words = pack_mask(batch_tree_mask(batch.parents, DEVICE))
     out = triton_attention.paged_attention_packed(
         batch.q, batch.k_cache, batch.v_cache, batch.block_tables, i32(batch.context_lens),

@@ -1,0 +1,86 @@
+"""Command line generation: ``python -m engine.generate --prompt TEXT [--json]``.
+
+Applies the model's chat template, runs the engine (optionally with a drafter)
+and prints the completion, or one JSON line with text, tokens, tokens_per_s and
+mean_accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
+    ap.add_argument("--model", default="default", help="HF checkpoint directory, or 'default'")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--speculation", default="off", choices=["off", "eagle", "medusa"])
+    ap.add_argument("--draft", default=None, help="drafter directory (default: the shipped one)")
+    ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step")
+    ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from engine.config import EngineConfig
+        from engine.engine import LLMEngine
+        from engine.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed)
+        cfg = EngineConfig(model=args.model, dtype=args.dtype, speculation=args.speculation,
+                           draft_path=args.draft, max_num_seqs=1)
+        if args.tree_budget is not None:
+            cfg.tree_budget = args.tree_budget
+            cfg.validate()
+        engine = build_engine(cfg)
+        prompt = args.prompt if args.raw else engine.tokenize_chat([{"role": "user", "content": args.prompt}])
+        t0 = time.perf_counter()
+        out = engine.generate([prompt], params)[0]
+        dt = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({
+            "text": text,
+            "tokens": len(out.token_ids),
+            "tokens_per_s": round(len(out.token_ids) / dt, 2),
+            "finish_reason": out.finish_reason,
+            "speculation": args.speculation,
+            "mean_accepted": round(out.seq.stats.mean_accepted, 3),
+        }))
+    else:
+        print(text)
+    return 0
+
+
+def build_engine(cfg):
+    """An in-process engine with the drafter ``cfg.speculation`` names."""
+    from engine.drafters.loading import load_drafter
+    from engine.engine import LLMEngine
+    from engine.executor import InProcessExecutor
+    from engine.weights import resolve_model
+
+    model_dir = resolve_model(cfg.model)
+    executor = InProcessExecutor(model_dir, cfg.dtype, cfg.device)
+    drafter = load_drafter(cfg, model_dir, executor) if cfg.speculation != "off" else None
+    from transformers import AutoTokenizer
+
+    return LLMEngine(cfg, executor, drafter, AutoTokenizer.from_pretrained(model_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

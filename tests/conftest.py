@@ -1,0 +1,97 @@
+"""Shared fixtures. The code runs from the repository root (not installed)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def default_dir() -> str:
+    from engine.weights import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_dir):
+    """transformers' LlamaForCausalLM on the converted default weights (fp32): the logits oracle."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_dir)
+
+
+@pytest.fixture(scope="session")
+def executor(default_dir):
+    """One fp32 in-process executor of the default model, shared by engine tests."""
+    from engine.executor import InProcessExecutor
+
+    return InProcessExecutor(default_dir, "float32")
+
+
+@pytest.fixture
+def make_engine(executor, tokenizer):
+    """Build an LLMEngine over the shared executor (a fresh KV cache each time)."""
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    def make(drafter=None, **kw):
+        kw.setdefault("num_blocks", 256)
+        kw.setdefault("block_size", 16)
+        return LLMEngine(EngineConfig(**kw), executor, drafter, tokenizer)
+
+    return make
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a list.",
+    "Explain photosynthesis in two sentences.",
+    "Give me three tips for better sleep.",
+    "Translate 'good morning' into Spanish and German.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn leaves.",
+    "What is 17 times 23? Show your work.",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(tokenizer) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        for p in CHAT_PROMPTS
+    ]
+
+
+def random_llama_dir(path: str, *, heads=6, kv_heads=2, hidden=96, layers=2, vocab=320, tie=False,
+                     rope_scaling=None, seed=0) -> str:
+    """A small random LlamaForCausalLM saved as an HF safetensors checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=tie, rope_scaling=rope_scaling, eos_token_id=vocab - 1,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # default init is tiny; widen it so logits differ meaningfully
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
