@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(VENV)/bin/serve run app:deployment
+	$(VENV)/bin/serve run app:deployment $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

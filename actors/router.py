@@ -1,0 +1,303 @@
+"""Adaptive speculation: per replica, whether to speculate and how large a tree to draft.
+
+Speculation is a latency tool. It spends target compute on draft nodes that
+may be rejected and KV memory on their scratch slots, so it pays when a replica
+is lightly loaded and costs throughput when the batch is large. Following
+SmartSpec (arXiv 2406.14066), the policy picks the tree budget ``k`` that
+maximises *goodput*, accepted tokens per second over the batch::
+
+    goodput(k) = B * tau(k) / T(B, k)
+
+    B       effective batch: running + waiting requests, at most max_num_seqs
+    tau(k)  mean tokens committed per sequence per step with budget k (bonus
+            included; tau(0) = 1), measured per replica as an EMA per budget,
+            interpolated as 1 + (tau(m) - 1) * log(1 + k) / log(1 + m) from the
+            nearest measured budget m (a prior before any measurement)
+    T(B,k)  step time, fitted from the replica's reports:
+            verify = a + b * (batch tokens = B * (1 + k)), draft = d0 + d1 * (B * k)
+
+then backs off under KV pressure (the largest allowed tree shrinks linearly to
+0 as KV utilisation goes from ``kv_soft`` to ``kv_hard``) and never lets a
+replica without a healthy drafter speculate. Changes that are not forced
+(drafter gone, KV cap) need hysteresis: the new budget must beat the current
+one by ``hysteresis`` for ``hold_reports`` reports in a row and at least
+``min_dwell_s`` after the last change, so decisions do not flap.
+
+``SpeculationPolicy`` is plain Python (no ray) and unit-tested on synthetic
+reports; ``Router`` is the thin Ray actor around it (one named actor per Serve
+application). Replicas report about once a second (``LoadReport``) and get the
+current ``Decision`` back in the reply, so nothing waits on the router per step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LoadReport:
+    """What a replica sends about once a second."""
+
+    running: int = 0
+    waiting: int = 0
+    max_num_seqs: int = 16
+    kv_used: int = 0
+    kv_total: int = 1
+    drafter: str | None = None  # drafter kind ("eagle", "medusa") or None
+    drafter_healthy: bool = False
+    max_tree_budget: int = 0  # the replica's configured (largest) budget
+    tree_budget: int = 0  # the budget applied since the last report (0 = off)
+    speculating: bool = False  # whether the replica speculates now
+    acceptance_ema: float | None = None  # replica-side EMA of tokens/seq/step while speculating
+    spec_seq_steps: int = 0  # sequence-steps that verified a tree since the last report
+    spec_tokens: int = 0  # tokens committed by those sequence-steps
+    # (batch_size, tree_nodes, verify_s, draft_s, count): mean decode step times since the last report
+    step_times: list = field(default_factory=list)
+    policy_applied: bool = True  # False: the replica runs a static policy and only reports
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoadReport":
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Decision:
+    speculate: bool
+    tree_budget: int  # 0 when speculate is False
+    reason: str
+    goodput: dict = field(default_factory=dict)  # candidate budget -> estimated tokens/s
+    changed_at: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PolicyConfig:
+    budget_fractions: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)  # candidates, as fractions of the replica's max
+    hysteresis: float = 0.10
+    hold_reports: int = 3
+    min_dwell_s: float = 3.0
+    kv_soft: float = 0.70
+    kv_hard: float = 0.90
+    acceptance_prior: float = 2.5  # tau at the largest budget before any measurement
+    acceptance_alpha: float = 0.3  # EMA weight of a new report
+    acceptance_ttl_s: float = 300.0  # forget a budget's acceptance after this long (re-probe)
+    window: int = 512  # step-time samples kept per replica
+    stale_s: float = 15.0  # replicas silent this long are dropped from the view
+
+
+class StepTimeModel:
+    """Weighted least squares fits of verify and draft time, from (B, nodes, verify, draft, n) samples."""
+
+    def __init__(self, window: int):
+        self.samples: deque = deque(maxlen=window)
+
+    def add(self, samples) -> None:
+        for b, nodes, verify, draft, n in samples:
+            if b > 0 and n > 0 and verify >= 0:
+                self.samples.append((float(b), float(nodes), float(verify), float(draft), float(n)))
+
+    @staticmethod
+    def _fit(points) -> tuple[float, float] | None:
+        """points: (x, y, w) -> (intercept, slope), both >= 0; None without data."""
+        sw = sum(w for _, _, w in points)
+        if sw <= 0:
+            return None
+        mx = sum(x * w for x, _, w in points) / sw
+        my = sum(y * w for _, y, w in points) / sw
+        sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
+        if sxx < 1e-9 * sw or max(x for x, _, _ in points) - min(x for x, _, _ in points) < 1:
+            return my, 0.0  # one batch size seen so far: no evidence that tokens cost time
+        slope = max(0.0, sum(w * (x - mx) * (y - my) for x, y, w in points) / sxx)
+        return max(0.0, my - slope * mx), slope
+
+    def params(self) -> dict | None:
+        verify = self._fit([(b + nodes, v, n) for b, nodes, v, _, n in self.samples])
+        if verify is None:
+            return None
+        drafted = [(nodes, d, n) for _, nodes, _, d, n in self.samples if nodes > 0]
+        draft = self._fit(drafted) or (0.0, 0.0)
+        return {"a": verify[0], "b": verify[1], "d0": draft[0], "d1": draft[1]}
+
+    def step_time(self, batch: int, budget: int) -> float | None:
+        p = self.params()
+        if p is None:
+            return None
+        t = p["a"] + p["b"] * batch * (1 + budget)
+        if budget > 0:
+            t += p["d0"] + p["d1"] * batch * budget
+        return max(t, 1e-6)
+
+
+@dataclass
+class _ReplicaState:
+    model: StepTimeModel
+    acceptance: dict = field(default_factory=dict)  # budget -> (ema tau, updated_at)
+    decision: Decision | None = None
+    last_change: float = -math.inf
+    streak: int = 0
+    report: LoadReport | None = None
+    seen_at: float = 0.0
+
+
+class SpeculationPolicy:
+    """Per-replica speculation decisions from load reports (no ray; time is passed in)."""
+
+    def __init__(self, config: PolicyConfig | None = None):
+        self.config = config or PolicyConfig()
+        self.replicas: dict[str, _ReplicaState] = {}
+
+    # ------------------------------------------------------------------ estimates
+
+    def candidates(self, max_budget: int) -> list[int]:
+        return sorted({int(round(f * max_budget)) for f in self.config.budget_fractions} | {0})
+
+    def tau(self, st: _ReplicaState, budget: int, max_budget: int, now: float) -> float:
+        if budget <= 0:
+            return 1.0
+        fresh = {k: v for k, (v, t) in st.acceptance.items() if now - t <= self.config.acceptance_ttl_s}
+        g = lambda k: math.log1p(k)  # noqa: E731  (concave: a tree's extra nodes help less and less)
+        if fresh:
+            m = min(fresh, key=lambda k: (abs(math.log1p(k) - math.log1p(budget)), k))
+            return 1.0 + max(0.0, fresh[m] - 1.0) * g(budget) / g(m)
+        return 1.0 + (self.config.acceptance_prior - 1.0) * g(budget) / g(max(max_budget, 1))
+
+    def goodput(self, st: _ReplicaState, batch: int, budget: int, max_budget: int, now: float) -> float:
+        t = st.model.step_time(batch, budget)
+        if t is None:
+            t = 1.0  # no timing yet: every budget costs the same, acceptance decides
+        return batch * self.tau(st, budget, max_budget, now) / t
+
+    def kv_cap(self, r: LoadReport) -> int:
+        """Largest budget KV pressure allows."""
+        util = r.kv_used / max(r.kv_total, 1)
+        c = self.config
+        frac = min(1.0, max(0.0, (c.kv_hard - util) / (c.kv_hard - c.kv_soft)))
+        return int(r.max_tree_budget * frac)
+
+    # ------------------------------------------------------------------ decisions
+
+    def observe(self, replica_id: str, report: LoadReport | dict, now: float | None = None) -> Decision:
+        """Fold one report into the replica's state and return its (possibly unchanged) decision."""
+        now = time.monotonic() if now is None else now
+        r = report if isinstance(report, LoadReport) else LoadReport.from_dict(report)
+        st = self.replicas.get(replica_id)
+        if st is None:
+            st = self.replicas[replica_id] = _ReplicaState(StepTimeModel(self.config.window))
+        st.report, st.seen_at = r, now
+        st.model.add(r.step_times)
+        if r.tree_budget > 0 and r.spec_seq_steps > 0:
+            tau = r.spec_tokens / r.spec_seq_steps
+            old = st.acceptance.get(r.tree_budget)
+            a = self.config.acceptance_alpha
+            st.acceptance[r.tree_budget] = (tau if old is None else (1 - a) * old[0] + a * tau, now)
+        self._forget_stale(now)
+
+        if not (r.drafter and r.drafter_healthy and r.max_tree_budget > 0):
+            why = "no drafter" if not r.drafter else ("drafter unhealthy" if not r.drafter_healthy else "budget 0")
+            return self._set(st, 0, why, {}, now)
+
+        batch = max(1, min(r.running + r.waiting, r.max_num_seqs))
+        cap = self.kv_cap(r)
+        allowed = [k for k in self.candidates(r.max_tree_budget) if k <= cap]
+        scores = {k: self.goodput(st, batch, k, r.max_tree_budget, now) for k in self.candidates(r.max_tree_budget)}
+        best = max(allowed, key=lambda k: (scores[k], -k))
+        cur = st.decision.tree_budget if st.decision else None
+        if cur is None:
+            return self._set(st, best, self._why(best, batch, r), scores, now)
+        if cur > cap:  # KV pressure: shrink now, no hysteresis
+            return self._set(st, best, f"KV {r.kv_used}/{r.kv_total} caps the tree at {cap}", scores, now)
+        if best != cur and scores[best] > scores[cur] * (1 + self.config.hysteresis):
+            st.streak += 1
+            if st.streak >= self.config.hold_reports and now - st.last_change >= self.config.min_dwell_s:
+                return self._set(st, best, self._why(best, batch, r), scores, now)
+        else:
+            st.streak = 0
+        st.decision.goodput = scores
+        return st.decision
+
+    @staticmethod
+    def _why(budget: int, batch: int, r: LoadReport) -> str:
+        kv = f"KV {r.kv_used}/{r.kv_total}"
+        if budget == 0:
+            return f"batch {batch}, {kv}: speculation costs more than it accepts"
+        return f"batch {batch}, {kv}: budget {budget} maximises goodput"
+
+    def _set(self, st: _ReplicaState, budget: int, reason: str, scores: dict, now: float) -> Decision:
+        st.streak = 0
+        if st.decision is None or st.decision.tree_budget != budget:
+            st.decision = Decision(budget > 0, budget, reason, scores, now)
+            st.last_change = now
+        else:
+            st.decision.goodput, st.decision.reason = scores, reason
+        return st.decision
+
+    def _forget_stale(self, now: float) -> None:
+        for rid in [rid for rid, s in self.replicas.items() if now - s.seen_at > self.config.stale_s]:
+            del self.replicas[rid]
+
+    def forget(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+
+    def view(self, now: float | None = None) -> dict:
+        """replica id -> decision, last report and fitted model: what /v1/speculation shows."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for rid, s in self.replicas.items():
+            out[rid] = {
+                "decision": s.decision.as_dict() if s.decision else None,
+                "load": {k: v for k, v in asdict(s.report).items() if k != "step_times"} if s.report else None,
+                "step_time_model": s.model.params(),
+                "acceptance": {k: v for k, (v, _) in s.acceptance.items()},
+                "age_s": round(now - s.seen_at, 3),  # since the last report
+                "unchanged_for_s": round(now - s.last_change, 3) if s.decision else None,
+            }
+        return out
+
+
+class Router:
+    """Ray actor shell around SpeculationPolicy: one per Serve application, named ``router_name(app)``."""
+
+    def __init__(self, config: dict | None = None):
+        self.policy = SpeculationPolicy(PolicyConfig(**(config or {})))
+
+    def report(self, replica_id: str, report: dict) -> dict:
+        return self.policy.observe(replica_id, report).as_dict()
+
+    def forget(self, replica_id: str) -> None:
+        self.policy.forget(replica_id)
+
+    def view(self) -> dict:
+        return self.policy.view()
+
+
+def router_name(app_name: str) -> str:
+    return f"treespec-router:{app_name or 'default'}"
+
+
+def get_or_create_router(app_name: str, config: dict | None = None):
+    """The application's router actor, created on first use (by whichever replica comes first).
+
+    Not detached: it lives as long as the replica that created it; if that replica goes away
+    the others re-create it on their next report (its state rebuilds from reports in seconds).
+    """
+    import ray
+
+    actor = ray.remote(Router).options(
+        name=router_name(app_name), get_if_exists=True, num_cpus=0, max_restarts=-1, lifetime=None,
+    )
+    return actor.remote(config)
+
+
+def find_router(app_name: str):
+    """The router actor if it exists, else None (the ingress never creates it)."""
+    import ray
+
+    try:
+        return ray.get_actor(router_name(app_name))
+    except ValueError:
+        return None

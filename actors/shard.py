@@ -1,0 +1,160 @@
+"""TargetShard: one tensor-parallel rank of the target model, as a Ray actor.
+
+A thin shell around ``engine.runner.ModelRunner``: the rank builds only its slice
+of the model (the parallel layers' weight loaders read only its rows/columns),
+owns its slice of the paged KV cache, and joins the replica's torch.distributed
+group (nccl on GPU, gloo on CPU). Every rank runs every step on the same
+``ModelInput``; rank 0 alone returns the ``ModelOutput`` (logits are gathered to
+the full vocabulary on every rank, so any rank could).
+
+Life cycle, driven by actors/executor.py:
+    TargetShard.remote(...)   -> cheap: no model yet
+    rendezvous()  (rank 0)    -> (address, free port) for the process group
+    load(address, port)       -> all ranks at once: join the group, build, load weights
+    execute / move_kv / allocate_kv ...
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import socket
+import time
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from engine.config import ModelConfig
+from engine.parallel import TPGroup
+from engine.runner import ModelInput, ModelOutput, ModelRunner
+from engine.weights import resolve_model
+
+
+def local_device(device: str) -> str:
+    """Inside an actor Ray exposes only its own GPU(s), so any 'cuda:N' becomes 'cuda'."""
+    return "cuda" if device.startswith("cuda") else device
+
+
+# join_group / leave_group are module functions, not methods: Ray pickles actor classes by
+# value, and cloudpickle chokes on torch's config modules reachable from such methods.
+def join_group(rank: int, world_size: int, address: str, port: int, device: str, timeout_s: float) -> None:
+    """Make this process rank ``rank`` of a fresh default process group (nccl on GPU, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        init_method=f"tcp://{address}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class TargetShard:
+    def __init__(self, model: str, dtype: str, device: str, rank: int, world_size: int,
+                 num_threads: int | None = None):
+        """model: a checkpoint directory or "default" (resolved on this node)."""
+        self.model, self.dtype, self.device = model, dtype, local_device(device)
+        self.rank, self.world_size = rank, world_size
+        if self.device == "cpu":
+            # Ranks of one replica share the node's cores; oversubscription makes gloo crawl.
+            torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
+        self.runner: ModelRunner | None = None
+        self.forward_s = collections.deque(maxlen=4096)  # recent forward times (orchestration benchmark)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, port) where rank 0 will host the group's store; all ranks share this node."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return "127.0.0.1", s.getsockname()[1]
+
+    def load(self, address: str, port: int, timeout_s: float) -> ModelConfig:
+        """Join the process group, build this rank's model slice and load its weights."""
+        if self.world_size > 1:
+            join_group(self.rank, self.world_size, address, port, self.device, timeout_s)
+        tp = TPGroup(self.rank, self.world_size)  # group None: this process's default group
+        self.runner = ModelRunner(resolve_model(self.model), self.dtype, self.device, tp=tp)
+        return self.runner.config
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return self.runner.kv_bytes_per_block(block_size)
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        self.runner.allocate_kv(num_blocks, block_size)
+
+    def execute(self, packed: dict) -> tuple | None:
+        """packed: pack_input(ModelInput). Rank 0: pack_output(ModelOutput); others: None."""
+        t0 = time.perf_counter()
+        out = self.runner.execute(unpack_input(packed))
+        self.forward_s.append(time.perf_counter() - t0)
+        return pack_output(out) if self.rank == 0 else None  # the others' copies would only cost transfer
+
+    def move_kv(self, src_slots: tuple, dst_slots: tuple) -> None:
+        """src_slots, dst_slots: pack_tensor([M] int64)."""
+        self.runner.move_kv(unpack_tensor(src_slots), unpack_tensor(dst_slots))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def forward_times(self) -> list[float]:
+        """Seconds of each recent forward inside this actor (oldest first, at most 4096)."""
+        return list(self.forward_s)
+
+    def shutdown(self) -> None:
+        leave_group()
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ModelInput / ModelOutput on the wire. Ray pickles a torch tensor through torch.save (a
+# byte copy and ~0.1 ms per tensor), but moves a numpy array zero-copy through the node's
+# shared-memory object store: for a batch's logits ([M, vocab] fp32) that is most of the
+# per-step transfer cost.
+
+
+def pack_tensor(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the bits
+        return t.view(torch.int16).numpy(), "bfloat16"
+    return t.numpy(), ""
+
+
+def unpack_tensor(packed: tuple[np.ndarray, str]) -> torch.Tensor:
+    array, dtype = packed
+    with warnings.catch_warnings():
+        # Arrays read from the object store are flagged read-only; nothing else reads this copy.
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def pack_output(out: ModelOutput) -> tuple:
+    return pack_tensor(out.logits), pack_tensor(out.hidden)
+
+
+def unpack_output(packed: tuple) -> ModelOutput:
+    logits, hidden = packed
+    return ModelOutput(unpack_tensor(logits), unpack_tensor(hidden))
+
+
+def pack_input(inp: ModelInput) -> dict:
+    """ModelInput as a dict of its fields, tensors as pack_tensor pairs (named under "tensors")."""
+    fields = vars(inp)
+    tensors = [k for k, v in fields.items() if isinstance(v, torch.Tensor)]
+    return {**{k: pack_tensor(v) if k in tensors else v for k, v in fields.items()}, "tensors": tensors}
+
+
+def unpack_input(packed: dict) -> ModelInput:
+    packed = dict(packed)
+    tensors = packed.pop("tensors")
+    return ModelInput(**{k: unpack_tensor(v) if k in tensors else v for k, v in packed.items()})

@@ -1,0 +1,52 @@
+"""Pieces shared by the drafters: configs on disk, the (reduced-vocabulary) draft head."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+class DraftHead(nn.Module):
+    """The target's lm_head, optionally restricted to a draft vocabulary.
+
+    A 49152-row lm_head read at every draft depth costs as much as a large part of
+    a target step on CPU; restricting it to the most frequent token ids (EAGLE-3's
+    d2t trick) cuts that cost by V / Vd. ``ids`` maps draft rows to target ids.
+    """
+
+    def __init__(self, lm_head_weight: torch.Tensor, ids: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("ids", None if ids is None else ids.long(), persistent=False)
+        w = lm_head_weight if ids is None else lm_head_weight[ids.long()].clone()
+        self.register_buffer("weight", w.detach(), persistent=False)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., H] -> logits over the draft vocabulary [..., Vd]."""
+        return h.to(self.weight.dtype) @ self.weight.T
+
+    def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [n, H] -> (log-probs [n, k], target token ids [n, k]), best first."""
+        logp = torch.log_softmax(self.logits(h).float(), dim=-1)
+        vals, idx = logp.topk(k, dim=-1)
+        return vals, (idx if self.ids is None else self.ids[idx])
+
+
+def save_drafter(path: str, config: dict, state: dict[str, torch.Tensor], dtype=torch.bfloat16) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (floating tensors cast to dtype)."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_drafter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"drafter directory {path!r} has no config.json")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(path, "model.safetensors"))

@@ -1,0 +1,213 @@
+"""EAGLE drafter (EAGLE-1 architecture) with EAGLE-2 dynamic trees.
+
+The drafter predicts the target's next *feature* (final hidden state) from the
+current feature and the next token: at position i its input is
+``fc(concat(embed(t[i+1]), f[i]))``, one Llama decoder layer follows, and the
+target's own lm_head turns the predicted feature into token probabilities.
+It shares the target's embedding and lm_head and keeps its own KV cache per
+request, extended with the accepted tokens (and their true target features)
+after every step.
+
+EAGLE-2 tree: expand the top_k children of each frontier node, keep the global
+top_k by cumulative log-probability as the next frontier, repeat ``depth``
+times, then rerank everything drafted and keep the best ``budget`` nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.drafters.base import Drafter, DraftTree
+from engine.drafters.common import DraftHead
+from engine.drafters.trees import select_dynamic
+from engine.model import MLP, RMSNorm, RotaryEmbedding
+from engine.config import ModelConfig
+from engine.parallel import TPGroup
+
+
+@dataclass
+class EagleConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    draft_vocab_size: int | None = None  # None: the full vocabulary
+
+    @classmethod
+    def from_target(cls, target: ModelConfig, draft_vocab_size: int | None = None) -> "EagleConfig":
+        return cls(target.hidden_size, target.num_attention_heads, target.num_key_value_heads, target.head_dim,
+                   target.intermediate_size, target.vocab_size, target.rms_norm_eps, target.rope_theta,
+                   target.max_position_embeddings, draft_vocab_size)
+
+    def to_dict(self) -> dict:
+        return {"kind": "eagle", **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EagleConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class EagleModel(nn.Module):
+    """fc + one decoder layer. Batched: x [B, n, H]; a KV prefix may be passed in."""
+
+    def __init__(self, cfg: EagleConfig, dtype=torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True, dtype=dtype)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * cfg.head_dim, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * cfg.head_dim, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * cfg.head_dim, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, h, bias=False, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        mcfg = ModelConfig(cfg.vocab_size, h, cfg.intermediate_size, 1, cfg.num_attention_heads,
+                           cfg.num_key_value_heads, cfg.head_dim)
+        self.mlp = MLP(mcfg, TPGroup(), dtype)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, tok_emb, feats, positions, mask, past_k=None, past_v=None):
+        """tok_emb, feats: [B, n, H]; positions: [B, n]; mask: bool [B, n, P + n].
+
+        past_k/v: [B, n_kv, P, D] or None. Returns (out [B, n, H], k, v [B, n_kv, P+n, D]).
+        """
+        c = self.cfg
+        b, n, _ = tok_emb.shape
+        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], dim=-1))
+        hn = self.input_layernorm(x)
+        q = self.q_proj(hn).view(b * n, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(hn).view(b * n, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(hn).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = self.rope(positions.reshape(-1), q, k)
+        q = q.view(b, n, -1, c.head_dim).transpose(1, 2)
+        k = k.view(b, n, -1, c.head_dim).transpose(1, 2)
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+                                           enable_gqa=c.num_attention_heads != c.num_key_value_heads)
+        x = x + self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+@dataclass
+class _State:
+    k: torch.Tensor | None = None  # [1, n_kv, L, D]
+    v: torch.Tensor | None = None
+    length: int = 0  # pairs (feature, next token) in the KV cache
+    feats: list = field(default_factory=list)  # pending pairs not yet run: features [H] ...
+    tokens: list = field(default_factory=list)  # ... and the token that follows each
+    last: torch.Tensor | None = None  # [H] drafter output at the last processed pair
+
+
+class EagleDrafter(Drafter):
+    kind = "eagle"
+
+    def __init__(self, model: EagleModel, embed_weight: torch.Tensor, head: DraftHead, top_k: int = 8,
+                 depth: int = 6):
+        self.model = model.eval()
+        self.embed_weight = embed_weight
+        self.head = head
+        self.top_k, self.depth = top_k, depth
+        self.states: dict[str, _State] = {}
+
+    # -------------------------------------------------------------- bookkeeping
+
+    def on_prefill(self, request_id, token_ids, hidden, next_token):
+        st = self.states[request_id] = _State()
+        st.feats = list(hidden)
+        st.tokens = list(token_ids[1:]) + [next_token]
+
+    def on_verified(self, request_id, accepted, hidden, next_token):
+        st = self.states.get(request_id)
+        if st is None:
+            return
+        st.feats += list(hidden)
+        st.tokens += list(accepted[1:]) + [next_token]
+
+    def release(self, request_id):
+        self.states.pop(request_id, None)
+
+    # -------------------------------------------------------------- drafting
+
+    def _embed(self, tokens) -> torch.Tensor:
+        return F.embedding(torch.as_tensor(tokens, dtype=torch.long), self.embed_weight)
+
+    def _catch_up(self, st: _State) -> None:
+        """Run the pending (feature, token) pairs through the drafter, causally."""
+        n = len(st.tokens)
+        if n == 0:
+            return
+        feats = torch.stack(st.feats).unsqueeze(0)
+        emb = self._embed(st.tokens).unsqueeze(0)
+        pos = torch.arange(st.length, st.length + n).unsqueeze(0)
+        mask = torch.ones(n, st.length + n, dtype=torch.bool).tril(st.length).unsqueeze(0)
+        out, st.k, st.v = self.model(emb, feats, pos, mask, st.k, st.v)
+        st.length += n
+        st.last = out[0, -1]
+        st.feats, st.tokens = [], []
+
+    @torch.inference_mode()
+    def propose(self, request_ids, budgets):
+        return [self._propose_one(r, b) for r, b in zip(request_ids, budgets)]
+
+    def _propose_one(self, request_id: str, budget: int) -> DraftTree:
+        st = self.states.get(request_id)
+        if st is None or budget <= 0:
+            return DraftTree([], [])
+        self._catch_up(st)
+        k = self.top_k
+        # Every drafted node: token, parent (-1 root), cumulative log-prob, depth.
+        logp, toks = self.head.topk(st.last.unsqueeze(0), k)
+        tokens, parents = toks[0].tolist(), [-1] * k
+        scores, depths = logp[0].tolist(), [1] * k
+        frontier = list(range(k))
+        front_feat = st.last.expand(k, -1)  # the feature each frontier node's pair carries
+        fk, fv = st.k, st.v  # cache grows with forwarded draft nodes, then is dropped
+        fwd_anc: list[torch.Tensor] = []  # per forwarded node: bool mask over forwarded nodes
+        fwd_index: dict[int, int] = {}  # node -> forwarded row
+        for d in range(1, self.depth):
+            m = len(fwd_anc)
+            mask = torch.zeros(len(frontier), st.length + m + len(frontier), dtype=torch.bool)
+            mask[:, : st.length] = True
+            rows = []
+            for j, node in enumerate(frontier):
+                row = torch.zeros(m + len(frontier), dtype=torch.bool)
+                par = parents[node]
+                if par >= 0:
+                    row[:m] = fwd_anc[fwd_index[par]][:m]
+                    row[fwd_index[par]] = True
+                row[m + j] = True
+                rows.append(row)
+                mask[j, st.length:] = row
+            emb = self._embed([tokens[i] for i in frontier]).unsqueeze(0)
+            pos = torch.full((1, len(frontier)), st.length + d - 1)
+            out, fk, fv = self.model(emb, front_feat.unsqueeze(0), pos, mask.unsqueeze(0), fk, fv)
+            fwd_anc = [F.pad(a, (0, len(frontier))) for a in fwd_anc] + rows
+            for j, node in enumerate(frontier):
+                fwd_index[node] = m + j
+            child_logp, child_tok = self.head.topk(out[0], k)  # [F, k]
+            cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
+            best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
+            base = len(tokens)
+            for j, node in enumerate(frontier):
+                for c in range(k):
+                    tokens.append(int(child_tok[j, c]))
+                    parents.append(node)
+                    scores.append(float(cum[j, c]))
+                    depths.append(d + 1)
+            frontier = [base + i for i in best]
+            front_feat = out[0][[i // k for i in best]]
+        keep = select_dynamic(scores, parents, depths, budget)
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree([tokens[i] for i in keep], [new_index.get(parents[i], -1) for i in keep])

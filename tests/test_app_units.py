@@ -1,0 +1,188 @@
+"""Parts of the Serve app that need no Ray: arguments, request validation, detokenization, metrics text."""
+import json
+
+import pytest
+
+from app.config import AppConfig
+from app.detok import Detokenizer
+from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from app.tracing import traces_url
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from engine.weights import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("default"))
+
+
+# ---------------------------------------------------------------------------------------- arguments
+
+
+def test_app_args_from_command_line_strings():
+    cfg = AppConfig.from_args({"tp": "3", "router": "false", "kv_cache_gib": "0.25", "num_blocks": "none",
+                               "drafter": "off", "max_replicas": "4"})
+    assert (cfg.tp, cfg.router, cfg.kv_cache_gib, cfg.num_blocks, cfg.max_replicas) == (3, False, 0.25, None, 4)
+    assert cfg.engine_config("off").tree_budget == 0
+    assert cfg.engine_config("eagle").tree_budget == cfg.tree_budget
+    assert AppConfig.from_args({}).model_name == "SmolLM2-135M-Instruct"
+    assert AppConfig.from_args({"model": "/m/Llama-3.1-8B-Instruct/"}).model_name == "Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"bogus": 1}, "unknown argument"),
+    ({"tp": "two"}, "not a valid int"),
+    ({"tp": 1.5}, "not a valid int"),
+    ({"router": "maybe"}, "not a valid bool"),
+    ({"drafter": "lookahead"}, "drafter must be"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+    ({"tree_budget": -1}, "tree_budget"),
+])
+def test_app_args_rejected_with_a_reason(args, match):
+    with pytest.raises(ValueError, match=match):
+        AppConfig.from_args(args)
+
+
+def test_builder_options():
+    from app.builder import app_builder
+
+    app = app_builder({"max_replicas": "3", "min_replicas": "1", "target_ongoing_requests": "4"})
+    server = app._bound_deployment.init_args[0]  # Ingress.bind(server, config)
+    auto = server._bound_deployment._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    fixed = app_builder({"num_replicas": "2"})._bound_deployment.init_args[0]._bound_deployment
+    assert fixed.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
+    assert fixed.max_ongoing_requests == 16 + 32 + 1
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+def _err(cls, body) -> APIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(APIError) as info:
+        parse(cls, raw)
+    return info.value
+
+
+def test_request_validation():
+    ok = parse(ChatCompletionRequest, json.dumps({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 5, "stop": "x", "temperature": 0, "speculation": "off"}).encode())
+    assert ok.messages[0].text() == "ab" and ok.requested_max_tokens == 5 and ok.stop == ["x"]
+    assert ok.sampling()["temperature"] == 0.0
+    assert parse(CompletionRequest, b'{"prompt": ["only one"]}').prompt == "only one"
+    assert parse(CompletionRequest, b'{"prompt": [1, 2, 3]}').prompt == [1, 2, 3]
+
+    assert _err(CompletionRequest, b"{not json").code == "invalid_json"
+    assert _err(CompletionRequest, b"\xff\xfe").code == "invalid_json"
+    assert _err(CompletionRequest, [1]).status == 400
+    for body, param in [
+        ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "speculation": "always"}, "speculation"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "echo": True}, "echo"),
+    ]:
+        e = _err(CompletionRequest, body)
+        assert e.status == 400 and e.param == param, (body, e.body())
+        assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    for body, param in [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ]:
+        e = _err(ChatCompletionRequest, body)
+        assert e.status == 400 and e.param.startswith(param), (body, e.body())
+
+
+def test_api_error_headers_and_roundtrip():
+    e = APIError(429, "busy", type="rate_limit_error", code="queue_full", retry_after=0.3)
+    assert e.headers() == {"Retry-After": "1"}
+    assert APIError.from_dict(e.to_dict()).body() == e.body()
+    assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
+    assert traces_url("http://h:4318/v1/traces/") == "http://h:4318/v1/traces"
+
+
+# ---------------------------------------------------------------------------------------- detokenization
+
+
+def test_incremental_detokenization_multibyte(tokenizer):
+    text = "Hello wörld! 日本語のテキスト 🎉🚀 naïve café — done."
+    ids = tokenizer.encode(text)
+    prompt = tokenizer.encode("<|im_start|>assistant\n")
+    d = Detokenizer(tokenizer, prompt)
+    parts = [d.add([i]) for i in ids] + [d.finish()]
+    assert "".join(parts) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in parts), "no half characters are ever emitted"
+    assert sum(1 for p in parts if p == "") > 0, "some tokens are only part of a character"
+    # Several tokens at once (a speculative step) give the same text.
+    d2 = Detokenizer(tokenizer, prompt)
+    chunks = [ids[i:i + 3] for i in range(0, len(ids), 3)]
+    assert "".join(d2.add(c) for c in chunks) + d2.finish() == text
+
+
+def test_stop_strings_are_cut_and_never_leak(tokenizer):
+    text = "The answer is 42. STOP here and never again."
+    ids = tokenizer.encode(text)
+    d = Detokenizer(tokenizer, None, stop=["STOP", "never"])
+    parts = []
+    for i in ids:
+        parts.append(d.add([i]))
+        if d.stopped:
+            break
+    parts.append(d.finish())
+    out = "".join(parts)
+    assert out == "The answer is 42. "
+    assert d.stopped
+    # A stop string split across tokens is held back until it is decided.
+    d = Detokenizer(tokenizer, None, stop=["42."])
+    emitted = ""
+    for i in ids:
+        emitted += d.add([i])
+        assert "42" not in emitted
+    assert emitted + d.finish() == "The answer is "
+    # No stop string: nothing is held back at the end.
+    d = Detokenizer(tokenizer, None, stop=["zzz"])
+    assert "".join(d.add([i]) for i in ids) + d.finish() == text
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_text_has_request_and_replica_metrics():
+    from app.metrics import RequestMetrics
+
+    m = RequestMetrics("m")
+    m.request("/v1/completions", 200)
+    m.finished(10, 5, 0.2, 0.03, 2.5)
+    view = {"r1": {"decision": {"speculate": True, "tree_budget": 16},
+                   "load": {"running": 2, "waiting": 1, "kv_used": 30, "kv_total": 100, "acceptance_ema": 2.4,
+                            "drafter_healthy": True, "speculating": True, "tree_budget": 16}}}
+    text = m.render(view).decode()
+    for line in ['treespec_requests_total{model="m",route="/v1/completions",status="200"} 1.0',
+                 'treespec_prompt_tokens_total{model="m"} 10.0',
+                 'treespec_completion_tokens_total{model="m"} 5.0',
+                 'treespec_time_to_first_token_seconds_count{model="m"} 1.0',
+                 'treespec_time_per_output_token_seconds_count{model="m"} 1.0',
+                 'treespec_mean_accepted_tokens_sum{model="m"} 2.5',
+                 'treespec_replica_tree_budget{model="m",replica="r1"} 16.0',
+                 'treespec_replica_speculate{model="m",replica="r1"} 1.0',
+                 'treespec_replica_router_tree_budget{model="m",replica="r1"} 16.0',
+                 'treespec_replica_queue_depth{model="m",replica="r1"} 1.0',
+                 'treespec_replica_kv_blocks_used{model="m",replica="r1"} 30.0']:
+        assert line in text, line

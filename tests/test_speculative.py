@@ -1,0 +1,107 @@
+"""Speculative decoding at temperature 0 equals plain greedy decoding, token for token (fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.drafters.loading import load_drafter
+from engine.sampling import SamplingParams
+from kernels.reference import gather_kv
+from scripted_drafter import ScriptedDrafter
+
+MAX_TOKENS = 128
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def references(executor, tokenizer, chat_prompts):
+    """Plain greedy continuations of 8 prompts (batched plain decoding == alone, see test_decoding)."""
+    from engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(num_blocks=256, max_num_seqs=8), executor, None, tokenizer)
+    outs = engine.generate(chat_prompts, GREEDY)
+    return {tuple(p): p + o.token_ids for p, o in zip(chat_prompts, outs)}
+
+
+def run(make_engine, drafter, prompts, batch, budget):
+    engine = make_engine(drafter, max_num_seqs=batch, tree_budget=budget, speculation=drafter.kind)
+    outs = engine.generate(prompts, GREEDY)
+    assert engine.kv_blocks_used == 0
+    return engine, outs
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_scripted_trees_equal_greedy(make_engine, references, chat_prompts, batch):
+    """Long accepted paths, mid-tree rejections, decoys: output is still plain greedy."""
+    drafter = ScriptedDrafter(references, vocab=49152, seed=batch)
+    engine, outs = run(make_engine, drafter, chat_prompts, batch, budget=24)
+    for p, o in zip(chat_prompts, outs):
+        assert p + o.token_ids == references[tuple(p)]
+    tau = sum(o.seq.stats.committed for o in outs) / sum(o.seq.stats.verify_steps for o in outs)
+    assert tau > 2.0  # the paths really were accepted, several tokens per step
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_real_drafters_equal_greedy(make_engine, executor, default_dir, references, chat_prompts, kind, batch):
+    """EAGLE (dynamic tree) and Medusa (static tree) drafters, untrained: lossless anyway."""
+    cfg = EngineConfig(speculation=kind, draft_path="random", tree_budget=10, draft_depth=3, draft_top_k=4)
+    drafter = load_drafter(cfg, default_dir, executor)
+    prompts = chat_prompts if batch == 4 else chat_prompts[:2]
+    engine, outs = run(make_engine, drafter, prompts, batch, budget=10)
+    for p, o in zip(prompts, outs):
+        assert p + o.token_ids == references[tuple(p)]
+        assert o.seq.stats.drafted > 0  # trees really were verified
+
+
+def test_mixed_speculating_and_plain_sequences(make_engine, references, chat_prompts):
+    """Sequences that speculate and sequences that do not share the same steps."""
+    engine = make_engine(ScriptedDrafter(references, vocab=49152, seed=3), max_num_seqs=4, tree_budget=16,
+                         speculation="eagle")
+    ids = [engine.add_request(p, GREEDY, speculation="off" if i % 2 else None) for i, p in enumerate(chat_prompts[:4])]
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    for i, (rid, p) in enumerate(zip(ids, chat_prompts)):
+        assert p + done[rid].token_ids == references[tuple(p)]
+        assert (done[rid].seq.stats.drafted == 0) == bool(i % 2)
+
+
+def test_kv_cache_equals_plain_decoding(make_engine, references, chat_prompts):
+    """After many speculative steps with rejections, the cache holds exactly the plain-decoding KV."""
+    prompt = chat_prompts[1]
+    spec = make_engine(ScriptedDrafter(references, vocab=49152, seed=5), tree_budget=24, speculation="eagle")
+    plain = make_engine()
+    rid_s = spec.add_request(prompt, GREEDY)
+    rid_p = plain.add_request(prompt, GREEDY)
+    seq_s = spec._requests[rid_s]
+    seq_p = plain._requests[rid_p]
+    for _ in range(15):
+        spec.step()
+    while seq_p.num_output < seq_s.num_output:
+        plain.step()
+    assert seq_s.tokens == seq_p.tokens and seq_s.num_cached == seq_p.num_cached
+    n = seq_s.num_cached
+    for ls, lp in zip(spec.executor.runner.model.layers, plain.executor.runner.model.layers):
+        for name in ("k_cache", "v_cache"):
+            a = gather_kv(getattr(ls.self_attn, name), torch.tensor(seq_s.block_table), n)
+            b = gather_kv(getattr(lp.self_attn, name), torch.tensor(seq_p.block_table), n)
+            assert torch.allclose(a, b, atol=1e-4)
+    for e in (spec, plain):
+        while e.has_unfinished():
+            e.step()
+        assert e.kv_blocks_used == 0
+
+
+def test_drafter_failure_falls_back_to_plain(make_engine, references, chat_prompts):
+    class Broken(ScriptedDrafter):
+        def propose(self, request_ids, budgets):
+            raise RuntimeError("drafter crashed")
+
+    engine = make_engine(Broken(references, vocab=49152), tree_budget=8, speculation="eagle")
+    out = engine.generate([chat_prompts[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert chat_prompts[0] + out.token_ids == references[tuple(chat_prompts[0])][: len(chat_prompts[0]) + 20]
+    assert not engine.drafter_healthy and engine.kv_blocks_used == 0
