@@ -54,6 +54,27 @@ async def _unexpected(request: Request, exc: Exception):  # a bug, never bad inp
     return JSONResponse(err.body(), status_code=500)
 
 
+def _body_schema(model) -> dict:
+    """openapi_extra for a route that parses its own body: the request model's JSON schema, $refs inlined.
+
+    The handlers read the raw body (to answer OpenAI-style errors); this publishes the schema anyway,
+    so /openapi.json describes the request bodies for clients and schema-driven tests.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def _server_failure(exc: BaseException) -> APIError:
     """A failed handle call -> the error the client sees."""
     from ray.exceptions import RayTaskError
@@ -98,11 +119,11 @@ class Ingress:
 
     # ------------------------------------------------------------------ OpenAI routes
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._complete(request, ChatCompletionRequest, chat=True)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(self, request: Request):
         return await self._complete(request, CompletionRequest, chat=False)
 

@@ -327,7 +327,10 @@ class LLMServer:
                 raise APIError(400, f"messages: the chat template rejected them: {exc}", param="messages") from None
         prompt = req["prompt"]
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
+            try:
+                return list(self.tokenizer.encode(prompt))
+            except Exception as exc:  # e.g. a lone UTF-16 surrogate the tokenizer cannot encode
+                raise APIError(400, f"prompt: cannot be tokenized ({exc})", param="prompt") from None
         return list(prompt)
 
     def _admit(self, req: dict):

@@ -12,8 +12,13 @@ import sys
 import time
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + message
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
     ap.add_argument("--model", default="default", help="HF checkpoint directory, or 'default'")
     ap.add_argument("--max-tokens", type=int, default=128)

@@ -72,10 +72,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [P, D/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, 1, D/2]; looked up once per forward, shared by all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin=None):
         """positions [N]; q [N, H, D], k [N, Hkv, D] -> rotated q, k."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -97,14 +100,14 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.k_cache = self.v_cache = None  # [num_blocks, block_size, n_kv_local, D], set by the runner
 
-    def forward(self, x, positions, meta: AttentionMetadata):
+    def forward(self, x, positions, meta: AttentionMetadata, cos_sin=None):
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = self.rope(positions, q, k, cos_sin)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(n, q_size))
@@ -131,8 +134,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, tp, dtype)
 
-    def forward(self, x, positions, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+    def forward(self, x, positions, meta, cos_sin=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta, cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -146,8 +149,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos_sin = self.rope.cos_sin(positions)
         for layer in self.layers:
-            x = layer(x, positions, meta)
+            x = layer(x, positions, meta, cos_sin)
         return self.norm(x)
 
 

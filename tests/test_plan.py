@@ -1,0 +1,128 @@
+"""engine.plan: the capacity planner's figures equal what the engine really allocates."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.plan import GIB, PRESETS, main, plan
+from engine.runner import ModelRunner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _real(model_dir: str, dtype: str, num_blocks: int, block_size: int = 16) -> tuple[int, int]:
+    """(parameter bytes, K+V cache bytes) of a real ModelRunner after allocate_kv."""
+    runner = ModelRunner(model_dir, dtype, "cpu", load=False)
+    runner.allocate_kv(num_blocks, block_size)
+    params = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv = sum(t.numel() * t.element_size() for layer in runner.model.layers
+             for t in (layer.self_attn.k_cache, layer.self_attn.v_cache))
+    return params, kv
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_model_matches_engine_allocation(default_dir, dtype):
+    p = plan("default", tp=1, dtype=dtype, gpu_mem_gib=4, batch=4, tree=16, context=512)
+    p_dir = plan(default_dir, tp=1, dtype=dtype, gpu_mem_gib=4, batch=4, tree=16, context=512)
+    params, kv = _real(default_dir, dtype, num_blocks=37)
+    assert p["weight_bytes_per_shard"] == p_dir["weight_bytes_per_shard"] == params
+    assert p["kv_bytes_per_block"] * 37 == kv
+    assert p["kv_bytes_per_token_per_shard"] == 30 * 2 * 3 * 64 * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    # The engine sizes its cache with the same rule (kv_cache_gib // bytes per block).
+    from engine.engine import LLMEngine
+    from engine.executor import InProcessExecutor
+
+    eng = LLMEngine(EngineConfig(kv_cache_gib=0.05, dtype=dtype), InProcessExecutor(default_dir, dtype, load=False),
+                    None, tokenizer=object())
+    assert eng.allocator.num_blocks == int(0.05 * GIB // p["kv_bytes_per_block"])
+    # The preset is the default checkpoint's architecture.
+    real = ModelConfig.from_path(default_dir)
+    preset = ModelConfig(**PRESETS["default"])
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta"):
+        assert getattr(real, f) == getattr(preset, f), f
+
+
+@pytest.mark.parametrize("tp", [1, 2, 6])
+def test_random_config_sharded_matches_each_rank(tmp_path, tp):
+    from conftest import random_llama_dir
+    from engine.parallel import TPGroup
+
+    d = random_llama_dir(str(tmp_path / "m"), heads=6, kv_heads=2, hidden=96, layers=2, vocab=320)
+    p = plan(d, tp=tp, dtype="float32", gpu_mem_gib=1, batch=2, tree=8, context=256, reserve_gib=0)
+    cfg = ModelConfig.from_path(d)
+    per_rank = []
+    for rank in range(tp):
+        r = ModelRunner(d, "float32", "cpu", tp=TPGroup(rank, tp), config=cfg, load=False)
+        r.allocate_kv(5, 16)
+        per_rank.append(sum(x.numel() * x.element_size() for x in r.model.parameters()))
+        kv = sum(t.numel() * t.element_size() for layer in r.model.layers
+                 for t in (layer.self_attn.k_cache, layer.self_attn.v_cache))
+        assert kv == 5 * p["kv_bytes_per_block"]
+    assert p["weight_bytes_per_rank"] == per_rank
+    # KV heads are split while tp divides them, replicated (one per rank) beyond.
+    kv_local = max(1, 2 // tp)
+    assert p["kv_bytes_per_token_per_shard"] == 2 * 2 * kv_local * 16 * 4
+    if tp == 1:  # an unsharded model: the whole parameter count
+        from safetensors.torch import load_file
+
+        full = sum(x.numel() for x in load_file(str(tmp_path / "m" / "model.safetensors")).values())
+        assert p["params"] == full
+
+
+def test_batch_limits_follow_blocks():
+    p = plan("llama-3-8b", tp=1, gpu_mem_gib=80, batch=8, tree=64, context=2048, reserve_gib=4)
+    usable = int(80 * GIB * 0.9)
+    blocks = (usable - p["weight_bytes_per_shard"] - p["buffer_bytes_per_shard"] - 4 * GIB) // p["kv_bytes_per_block"]
+    assert p["kv_blocks"] == blocks
+    assert p["max_batch_no_tree"] == blocks // 128
+    assert p["max_batch_with_tree"] == blocks // math.ceil((2048 + 64) / 16)
+    assert p["max_batch_with_tree"] <= p["max_batch_no_tree"] and p["fits"]
+    assert p["kv_bytes_per_token_per_shard"] == 32 * 2 * 8 * 128 * 2  # 128 KiB per token, bf16
+
+
+def test_70b_plan_cli():
+    out = subprocess.run([sys.executable, "-m", "engine.plan", "--model", "llama-3-70b", "--tp", "4",
+                          "--gpu-mem-gib", "80", "--batch", "128", "--tree", "64", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 70e9 < p["params"] < 71e9
+    assert abs(p["weight_bytes_per_shard"] / GIB - 70.55e9 * 2 / 4 / GIB) < 0.5  # bf16 / 4 ranks
+    assert p["kv_bytes_per_token_per_shard"] == 80 * 2 * 2 * 128 * 2  # 2 of 8 KV heads per rank
+    assert p["max_batch_with_tree"] <= p["max_batch_no_tree"]
+    assert p["fits"] == (p["max_batch_with_tree"] >= 128)
+    table = subprocess.run([sys.executable, "-m", "engine.plan", "--model", "llama-3-70b", "--tp", "4",
+                            "--gpu-mem-gib", "80", "--batch", "128", "--tree", "64"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "weights per shard" in table.stdout and "max batch" in table.stdout
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "nope"], "unknown model"),
+    (["--model", "llama-3-70b", "--tp", "3"], "tp=3"),
+    (["--tp", "0"], "tp must be"),
+    (["--batch", "x"], "invalid int"),
+    (["--gpu-mem-gib", "-1"], "gpu-mem-gib"),
+    (["--dtype", "int3"], "dtype"),
+    (["--mem-util", "1.5"], "mem-util"),
+    (["--context", "100000"], "positions"),
+])
+def test_bad_args_one_line_error(capsys, argv, needle):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_config_json_path(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**PRESETS["llama-3-8b"], "eos_token_id": 2}))
+    assert plan(str(path))["weight_bytes_per_shard"] == plan("llama-3-8b")["weight_bytes_per_shard"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["--model", str(bad)]) == 2
