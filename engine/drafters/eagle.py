@@ -72,6 +72,12 @@ class EagleModel(nn.Module):
         mcfg = ModelConfig(cfg.vocab_size, h, cfg.intermediate_size, 1, cfg.num_attention_heads,
                            cfg.num_key_value_heads, cfg.head_dim)
         self.mlp = MLP(mcfg, TPGroup(), dtype)
+        # The engine's parallel linears allocate uninitialised weights (they are normally
+        # loaded); a drafter built from scratch needs nn.Linear's initialisation.
+        with torch.no_grad():
+            for lin in (self.mlp.gate_up_proj, self.mlp.down_proj):
+                bound = lin.weight.shape[1] ** -0.5
+                lin.weight.uniform_(-bound, bound)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings)
         for p in self.parameters():
             p.requires_grad_(True)

@@ -1,0 +1,124 @@
+"""Drafter training end to end on a tiny random Llama: data shards, EAGLE, Medusa, engine loading, eval."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import random_llama_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random target, a few token-id prompts and their data shards (built once for the module)."""
+    from train.data import build_shards
+
+    root = tmp_path_factory.mktemp("train")
+    model = random_llama_dir(str(root / "model"), vocab=320, hidden=96, layers=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [(["writing", "math"][i % 2], torch.randint(3, 300, (6 + i % 5,), generator=g).tolist())
+               for i in range(12)]
+    data = str(root / "data")
+    paths = build_shards(model, prompts, data, max_tokens=24, gen_dtype="float32", feature_dtype="float32",
+                         max_num_seqs=8, shard_size=5, temperatures=(0.0, 1.0), progress=False)
+    return {"root": root, "model": model, "data": data, "paths": paths, "prompts": prompts}
+
+
+def test_shards_round_trip(tiny, tmp_path):
+    from engine.runner import ModelRunner
+    from train.data import prefill_features, read_shard, shard_paths, write_shard
+
+    assert len(tiny["paths"]) == 3 and shard_paths(tiny["data"]) == tiny["paths"]
+    rows = read_shard(tiny["paths"][0])
+    assert len(rows) == 5
+    r = rows[0]
+    assert r["token_ids"][: r["prompt_len"]] == tiny["prompts"][0][1]
+    assert r["features"].shape == (len(r["token_ids"]), 96) and r["features"].dtype == torch.bfloat16
+    # Features are the target's final hidden states of the whole sequence.
+    ref = prefill_features(ModelRunner(tiny["model"], "float32"), [r["token_ids"]])[0]
+    torch.testing.assert_close(r["features"].float(), ref.to(torch.bfloat16).float())
+    # Writing what was read gives the same rows back.
+    write_shard(str(tmp_path / "x.parquet"), rows, 96)
+    again = read_shard(str(tmp_path / "x.parquet"))
+    assert [a["token_ids"] for a in again] == [a["token_ids"] for a in rows]
+    assert all(torch.equal(a["features"], b["features"]) for a, b in zip(again, rows))
+
+
+def test_resume_skips_existing_shards(tiny):
+    from train.data import build_shards
+
+    before = [os.path.getmtime(p) for p in tiny["paths"]]
+    build_shards(tiny["model"], tiny["prompts"], tiny["data"], max_tokens=24, progress=False)
+    assert [os.path.getmtime(p) for p in tiny["paths"]] == before
+
+
+def test_unroll_mask_matches_drafting():
+    from train.eagle import unroll_mask
+
+    m = unroll_mask(4, 2)
+    # Pass 2, position 2: true pairs 0..1... only q <= p-1 from pass 1, plus its own key.
+    assert m[2, :4].tolist() == [True, True, False, False] and m[2, 4:].tolist() == [False, False, True, False]
+    m3 = unroll_mask(5, 3)
+    assert m3[4, :5].tolist() == [True, True, True, False, False]
+    assert m3[4, 5:10].tolist() == [False, False, False, True, False]
+    assert m3[4, 10:].tolist() == [False, False, False, False, True]
+
+
+def _load(kind, tiny, out):
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+
+    cfg = EngineConfig(model=tiny["model"], speculation=kind, draft_path=out)
+    return load_drafter(cfg, tiny["model"])
+
+
+def test_eagle_training_lowers_loss_and_loads(tiny):
+    from train.eagle import parse_args, train
+
+    out = str(tiny["root"] / "eagle")
+    res = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", out, "--max-steps", "80",
+                            "--draft-vocab", "128", "--batch-tokens", "256", "--lr", "2e-3", "--val-frac", "0.1",
+                            "--save-every", "0"]))
+    assert res["last_loss"] < 0.8 * res["first_loss"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["kind"] == "eagle" and cfg["draft_vocab_size"] == 128
+    drafter = _load("eagle", tiny, out)
+    assert drafter.head.weight.shape[0] == 128
+    tree = None
+    drafter.on_prefill("r", tiny["prompts"][0][1], torch.randn(len(tiny["prompts"][0][1]), 96), 5)
+    tree = drafter.propose(["r"], [10])[0]
+    assert 0 < len(tree) <= 10
+
+
+def test_medusa_training_lowers_loss_and_loads(tiny):
+    from train.medusa import parse_args, train
+
+    out = str(tiny["root"] / "medusa")
+    res = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", out, "--max-steps", "40",
+                            "--draft-vocab", "128", "--batch", "64", "--lr", "3e-3", "--val-frac", "0.2",
+                            "--heads", "3", "--save-every", "0"]))
+    assert res["last_loss"] < 0.8 * res["first_loss"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["kind"] == "medusa" and len(cfg["rank_acc"]) == 3 and len(cfg["rank_acc"][0]) == 10
+    drafter = _load("medusa", tiny, out)
+    drafter.on_prefill("r", [1, 2], torch.randn(2, 96), 5)
+    assert len(drafter.propose(["r"], [8])[0]) == 8
+
+
+def test_eval_runs_on_a_few_prompts(tiny):
+    from train.eval import evaluate, plot, write_markdown
+
+    drafts = {"eagle": str(tiny["root"] / "eagle"), "medusa": str(tiny["root"] / "medusa")}
+    if not all(os.path.exists(os.path.join(d, "config.json")) for d in drafts.values()):
+        pytest.skip("needs the trained drafters of the tests above")
+    prompts = {"writing": [tiny["prompts"][0][1]], "math": [tiny["prompts"][1][1]]}
+    res = evaluate(tiny["model"], ["eagle", "medusa"], drafts, [0.0, 1.0], prompts, max_tokens=8, tree_budget=12)
+    for kind in ("eagle", "medusa"):
+        for t in ("0.0", "1.0"):
+            r = res[kind][t]["all"]
+            assert 1.0 <= r["tau"] <= 13 and r["steps"] > 0 and len(r["accept_ge"]) == 8
+    write_markdown(res, str(tiny["root"] / "acc.md"), {"tree_budget": 12})
+    plot(res, str(tiny["root"] / "acc.png"))
+    assert os.path.getsize(tiny["root"] / "acc.png") > 1000

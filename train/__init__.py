@@ -1,0 +1,1 @@
+"""Drafter training: self-distillation data (Parquet), EAGLE and Medusa training, acceptance evaluation."""

@@ -1,0 +1,92 @@
+"""What EAGLE and Medusa training share: the data in memory, the draft vocabulary, target tensors."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from train.data import load_dataset
+
+
+@dataclass
+class Example:
+    tokens: torch.Tensor  # [L] int64, prompt + response
+    feats: torch.Tensor  # [L, H] bfloat16, target final hidden state of each token
+    prompt_len: int
+    category: str
+
+
+def load_examples(data_dir: str, limit: int | None = None) -> list[Example]:
+    return [Example(torch.tensor(r["token_ids"], dtype=torch.long), r["features"], r["prompt_len"], r["category"])
+            for r in load_dataset(data_dir, limit)]
+
+
+def split(examples: list[Example], val_frac: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic train/validation split of whole sequences."""
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_val = int(round(len(idx) * val_frac)) if len(idx) > 1 else 0
+    return [examples[i] for i in idx[n_val:]], [examples[i] for i in idx[:n_val]]
+
+
+def draft_vocab(examples: list[Example], size: int, vocab_size: int, always=()) -> torch.Tensor | None:
+    """The ``size`` most frequent ids of the responses (plus ``always``, e.g. EOS), sorted; None = full vocab."""
+    if not size or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ex in examples:
+        counts += torch.bincount(ex.tokens[ex.prompt_len:], minlength=vocab_size)
+    for t in always:
+        counts[t] = counts.max() + 1
+    # Ties (unseen ids) break by id, so the set is deterministic.
+    order = torch.argsort(counts * vocab_size + (vocab_size - 1 - torch.arange(vocab_size)), descending=True)
+    return order[:size].sort().values
+
+
+def vocab_coverage(examples: list[Example], ids: torch.Tensor | None) -> float:
+    if ids is None:
+        return 1.0
+    keep = torch.zeros(int(max(int(ids.max()), max(int(e.tokens.max()) for e in examples))) + 1, dtype=torch.bool)
+    keep[ids] = True
+    hit = sum(int(keep[e.tokens[e.prompt_len:]].sum()) for e in examples)
+    return hit / max(1, sum(len(e.tokens) - e.prompt_len for e in examples))
+
+
+def target_map(ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """target id -> draft row (-100 where the id is outside the draft vocabulary)."""
+    m = torch.full((vocab_size,), -100, dtype=torch.long)
+    if ids is None:
+        return torch.arange(vocab_size)
+    m[ids] = torch.arange(len(ids))
+    return m
+
+
+def batches(examples: list[Example], max_tokens: int, rng: random.Random) -> list[list[Example]]:
+    """Length-bucketed batches of whole sequences, at most ~max_tokens padded tokens each, shuffled."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), rng.random()))
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = len(examples[i].tokens)
+        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(examples[i])
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def pad_batch(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> tokens [B, n] (0-padded), feats [B, n, H] bf16, valid [B, n] bool, prompt_len [B]."""
+    n = max(len(e.tokens) for e in batch)
+    h = batch[0].feats.shape[1]
+    toks = torch.zeros(len(batch), n, dtype=torch.long)
+    feats = torch.zeros(len(batch), n, h, dtype=torch.bfloat16)
+    valid = torch.zeros(len(batch), n, dtype=torch.bool)
+    for b, e in enumerate(batch):
+        L = len(e.tokens)
+        toks[b, :L], feats[b, :L], valid[b, :L] = e.tokens, e.feats, True
+    return toks, feats, valid, torch.tensor([e.prompt_len for e in batch])
