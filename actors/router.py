@@ -215,9 +215,14 @@ class SpeculationPolicy:
             st.streak += 1
             if st.streak >= self.config.hold_reports and now - st.last_change >= self.config.min_dwell_s:
                 return self._set(st, best, self._why(best, batch, r), scores, now)
+            reason = (f"batch {batch}, KV {r.kv_used}/{r.kv_total}: budget {best} would win, "
+                      f"holding {cur} ({st.streak}/{self.config.hold_reports} reports)")
         else:
             st.streak = 0
-        st.decision.goodput = scores
+            reason = self._why(cur, batch, r) if best == cur else (
+                f"batch {batch}, KV {r.kv_used}/{r.kv_total}: keeping {cur}, budget {best} is within hysteresis")
+        # The reason describes this report, not the one that made the last change.
+        st.decision.goodput, st.decision.reason = scores, reason
         return st.decision
 
     @staticmethod

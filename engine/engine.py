@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
-from engine.drafters.base import DraftTree, Drafter
+from engine.drafters.base import DraftTree
 from engine.executor import Executor, InProcessExecutor
 from engine.kv_cache import BlockAllocator
 from engine.runner import SeqInput, build_model_input
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, Status
+from engine.sequence import Sequence
 from engine.verify import verify_greedy, verify_sampling
 from engine.weights import resolve_model
+from kernels.compaction import compaction_slots
+from kernels.tree import tree_depth
 
 
 class RequestError(ValueError):
@@ -203,9 +205,7 @@ class LLMEngine:
             if tree is not None and tree.tokens:
                 tokens += tree.tokens
                 parents += [p + 1 for p in tree.parents]  # shift: local 0 is the root
-            depth = [0] * len(parents)
-            for i in range(1, len(parents)):
-                depth[i] = depth[parents[i]] + 1
+            depth = tree_depth(parents).tolist() if len(parents) > 1 else [0]
             inputs.append(SeqInput(
                 tokens, [s.num_cached + d for d in depth], s.block_table, s.num_cached,
                 tree_parents=parents if len(tokens) > 1 else None,
@@ -213,7 +213,7 @@ class LLMEngine:
             ))
         inp = build_model_input(inputs, self.config.block_size)
         out = self.executor.execute(inp)
-        outputs, src, dst, nodes, committed = [], [], [], 0, 0
+        outputs, paths, prefixes, nodes, committed = [], [], [], 0, 0
         for b, (s, tree, si) in enumerate(zip(seqs, trees, inputs)):
             start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
             logits = out.logits[start:end]
@@ -226,11 +226,8 @@ class LLMEngine:
                     probs = [None] + list(tree.draft_probs)
                 path, bonus = verify_sampling(si.token_ids, parents, logits, s.params,
                                               s.generator or self.generator, probs)
-            # Compaction: node path[j] was written at position num_cached + path[j]; move it to num_cached + j.
-            for j, node in enumerate(path):
-                if node != j:
-                    src.append(self.allocator.slot(s.block_table, s.num_cached + node))
-                    dst.append(self.allocator.slot(s.block_table, s.num_cached + j))
+            paths.append(path)
+            prefixes.append(s.num_cached)
             accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
             self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
                                out.hidden[start:end][path], bonus)
@@ -242,8 +239,10 @@ class LLMEngine:
             s.stats.committed += len(out_.new_token_ids)
             committed += len(out_.new_token_ids)
             outputs.append(out_)
-        if src:
-            self.executor.move_kv(torch.tensor(src), torch.tensor(dst))
+        # Compaction: node path[j] was written at num_cached + path[j]; move it to num_cached + j.
+        if any(node != j for path in paths for j, node in enumerate(path)):
+            src, dst = compaction_slots(inp.block_tables, prefixes, paths, self.config.block_size)
+            self.executor.move_kv(src, dst)
         t2 = time.perf_counter()
         for s in seqs:
             if not s.finished:

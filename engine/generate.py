@@ -39,7 +39,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         from engine.config import EngineConfig
-        from engine.engine import LLMEngine
         from engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

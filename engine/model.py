@@ -63,28 +63,35 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (Hugging Face layout), cos/sin cached per position."""
+    """Rotate-half RoPE (Hugging Face layout).
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
+    cos/sin are computed once per forward from the positions (no [max_positions, D]
+    table: that would be 128 MiB for a 128k-context model) and shared by all layers.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [P, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, 1, D/2]; looked up once per forward, shared by all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def cos_sin(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos [N, 1, D], signed sin [N, 1, D] (first half negated), in dtype."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()  # fp32 like transformers, even after .to(bf16)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([-sin, sin], -1)[:, None].to(dtype)
+
+    def rotate(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
+        """x [N, heads, D] (may be a strided view) -> rotated copy, in x's dtype.
+
+        x * cos + rotate_half(x) * sin, where rotate_half(x) * sin == roll(x, D/2) * signed sin:
+        three ops for q and k together instead of a dozen each.
+        """
+        cos, sin = cos_sin
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin=None):
         """positions [N]; q [N, H, D], k [N, Hkv, D] -> rotated q, k."""
-        cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        cos_sin = cos_sin if cos_sin is not None else self.cos_sin(positions, q.dtype)
+        return self.rotate(q, cos_sin), self.rotate(k, cos_sin)
 
 
 class Attention(nn.Module):
@@ -103,11 +110,12 @@ class Attention(nn.Module):
     def forward(self, x, positions, meta: AttentionMetadata, cos_sin=None):
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k, cos_sin)
+        qkv = self.qkv_proj(x)
+        cos_sin = cos_sin if cos_sin is not None else self.rope.cos_sin(positions, x.dtype)
+        # q and k are adjacent in the fused projection: rotate them as one [n, H + Hkv, D] block.
+        qk = self.rope.rotate(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), cos_sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size:].view(n, self.num_kv_heads, self.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(n, q_size))
@@ -143,13 +151,13 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, self.rope, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos_sin = self.rope.cos_sin(positions)
+        cos_sin = self.rope.cos_sin(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, positions, meta, cos_sin)
         return self.norm(x)

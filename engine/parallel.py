@@ -39,6 +39,35 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
 
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ module.weight.T, through the oneDNN-packed copy when pack_cpu_weights made one."""
+    packed = module.__dict__.get("packed_weight")
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return F.linear(x, module.weight)
+
+
+def pack_cpu_weights(model: nn.Module) -> int:
+    """Give every linear layer (and the LM head) of a bf16 CPU model a oneDNN-packed weight copy.
+
+    oneDNN's blocked layout streams weights ~1.5-2.8x faster than F.linear's plain
+    layout at 1-16 rows (measured: 20.7 vs 14.3 GB/s on a DRAM-resident 3072x576
+    bf16 weight at batch 1) and gives bit-identical bf16 results. The plain weight
+    stays for embedding lookups, tied heads and drafters. Call after loading the
+    weights; inference only. Returns the number of layers packed.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, ParallelLMHead))
+                and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16):
+            m.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            n += 1
+    return n
+
+
 def _shape(source) -> tuple[int, ...]:
     return tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
 
@@ -78,7 +107,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, _rows(source, start, start + self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(self, x)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -126,7 +155,7 @@ class QKVParallelLinear(nn.Module):
         _copy(dst, _rows(source, start, start + dst.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(self, x)
 
 
 class RowParallelLinear(nn.Module):
@@ -146,7 +175,7 @@ class RowParallelLinear(nn.Module):
         _copy(param, _cols(source, start, start + self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(self, x))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -180,5 +209,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection over a vocab-split weight; logits are gathered to full vocab."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)
+        logits = linear(self, x)
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size]

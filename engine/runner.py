@@ -14,7 +14,7 @@ from kernels.compaction import copy_slots
 from kernels.tree import ancestor_mask
 from engine.config import ModelConfig
 from engine.model import LlamaForCausalLM
-from engine.parallel import TPGroup
+from engine.parallel import TPGroup, pack_cpu_weights
 from engine.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,6 +118,7 @@ class ModelRunner:
         tp: TPGroup | None = None,
         config: ModelConfig | None = None,
         load: bool = True,
+        pack_weights: bool = True,
     ):
         self.tp = tp or TPGroup()
         self.device = torch.device(device)
@@ -128,6 +129,8 @@ class ModelRunner:
         if load:
             load_weights(self.model, model_dir)
         self.model.eval()
+        if load and pack_weights and self.device.type == "cpu":
+            pack_cpu_weights(self.model)  # bf16 only; a no-op for other dtypes
         self.block_size = 0
         self.num_blocks = 0
 

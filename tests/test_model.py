@@ -92,3 +92,23 @@ def test_tp_validation_message():
     cfg.validate_tp(9)
     with pytest.raises(ValueError, match="must divide the 9 attention heads"):
         cfg.validate_tp(2)
+
+
+def test_bf16_packed_weights_match_plain_linear(tmp_path):
+    """oneDNN-packed bf16 weights (the CPU fast path) give the plain F.linear results."""
+    from engine.parallel import pack_cpu_weights
+
+    d = random_llama_dir(str(tmp_path), tie=False, layers=3)
+    plain = ModelRunner(d, "bfloat16", pack_weights=False)
+    packed = ModelRunner(d, "bfloat16")
+    assert not any("packed_weight" in m.__dict__ for m in plain.model.modules())
+    assert sum("packed_weight" in m.__dict__ for m in packed.model.modules()) == 3 * 4 + 1  # 4 per layer + head
+    assert pack_cpu_weights(ModelRunner(d, "float32").model) == 0  # fp32 keeps F.linear
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    outs = []
+    for r in (plain, packed):
+        r.allocate_kv(16, 4)
+        outs.append(engine_logits(r, ids, 30, list(range(12))))
+    diff = (outs[0] - outs[1]).abs().max().item()
+    assert diff <= 1e-2 * outs[0].abs().max().item()
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean() >= 0.95

@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import socket
-import threading
 import time
 
 import httpx

@@ -154,3 +154,13 @@ def test_router_actor_shell():
         assert find_router("t") is not None
     finally:
         ray.shutdown()
+
+
+def test_reason_describes_the_latest_report():
+    """The decision's reason follows the load even while the budget itself is held."""
+    policy, rep = SpeculationPolicy(), SyntheticReplica()
+    drive(policy, rep, [1] * 10)
+    first = policy.observe("r0", rep.report(1), now=10).reason
+    assert first.startswith("batch 1,")
+    d = policy.observe("r0", rep.report(40), now=11)  # load jumps: a change needs hold_reports reports
+    assert d.reason.startswith("batch 40,") and d.reason != first

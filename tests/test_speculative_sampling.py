@@ -8,7 +8,6 @@ tree, Medusa static tree) and a chi-square test compares the counts.
 """
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest

@@ -1,7 +1,9 @@
-"""What EAGLE and Medusa training share: the data in memory, the draft vocabulary, target tensors."""
+"""What EAGLE and Medusa training share: the data in memory, the draft vocabulary, the schedule, the CLI."""
 from __future__ import annotations
 
+import math
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +92,40 @@ def pad_batch(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.T
         L = len(e.tokens)
         toks[b, :L], feats[b, :L], valid[b, :L] = e.tokens, e.feats, True
     return toks, feats, valid, torch.tensor([e.prompt_len for e in batch])
+
+
+class Schedule:
+    """How many steps to run and the learning rate of each: 3% linear warm-up, then cosine to 10%.
+
+    With a time budget (minutes) the step count is re-fitted every 10 steps to the
+    measured step time (shared CPUs change speed), never above the epoch count.
+    """
+
+    def __init__(self, total: int, lr: float, time_budget_min: float = 0.0):
+        self.total = self.max_total = total
+        self.peak, self.budget_s = lr, time_budget_min * 60
+
+    def lr(self, step: int) -> float:
+        warm = max(1, int(0.03 * self.total))
+        if step < warm:
+            return self.peak * (step + 1) / warm
+        return self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, self.total - warm))))
+
+    def refit(self, step: int, elapsed_s: float) -> bool:
+        """Re-fit total to the budget after `step` steps took elapsed_s; True when total changed."""
+        if not self.budget_s or step < 10 or step % 10:
+            return False
+        old = self.total
+        self.total = max(step + 1, min(self.max_total, int(self.budget_s * step / max(elapsed_s, 1e-9))))
+        return self.total != old
+
+
+def cli(train, parse_args, argv=None) -> int:
+    """Shared ``main`` of the trainers: bad data or flags are one-line errors, exit status 2."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

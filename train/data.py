@@ -193,6 +193,9 @@ def parse_args(argv=None):
     ap.add_argument("--feature-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the feature prefill; match the serving dtype")
     ap.add_argument("--temperatures", default="0,0,0.7", help="comma list, cycled over prompts")
+    ap.add_argument("--samples-per-prompt", type=int, default=1,
+                    help="answer every prompt this many times; passes after the first sample at --resample-temperature")
+    ap.add_argument("--resample-temperature", type=float, default=0.8)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -240,15 +243,24 @@ def main(argv=None) -> int:
                 del eng
                 print(f"target wrote {len(extra)} usable questions", file=sys.stderr)
             pairs = build_prompt_set(args.prompts, args.seed, extra)
+        temps = tuple(float(x) for x in args.temperatures.split(","))
         rows = []
         for cat, p in pairs:
             msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-            rows.append({"category": cat, "prompt": p, "ids": list(ids)})
+            rows.append({"category": cat, "prompt": p, "ids": list(ids), "temperature": temps[len(rows) % len(temps)]})
+        # More samples of the same prompts: the unique prompt pool is small, sampled
+        # answers still teach the drafter new continuations in the target's own style.
+        first = list(rows)
+        for _ in range(1, args.samples_per_prompt):
+            rows += [dict(r, temperature=args.resample_temperature) for r in first]
         with open(listing, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    temps = tuple(float(x) for x in args.temperatures.split(","))
+    if all("temperature" in r for r in rows):
+        temps = tuple(r["temperature"] for r in rows)  # one per row, cycled once
+    else:  # listings written before per-row temperatures
+        temps = tuple(float(x) for x in args.temperatures.split(","))
     paths = build_shards(model_dir, [(r["category"], r["ids"]) for r in rows], args.out,
                          max_tokens=args.max_tokens, gen_dtype=args.gen_dtype, feature_dtype=args.feature_dtype,
                          max_num_seqs=args.max_num_seqs, shard_size=args.shard_size, temperatures=temps,

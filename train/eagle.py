@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import batches, draft_vocab, load_examples, pad_batch, split, vocab_coverage
+from train.common import Schedule, cli, batches, draft_vocab, load_examples, pad_batch, split, vocab_coverage
 
 
 def unroll_mask(n: int, k: int, device=None) -> torch.Tensor:
@@ -175,7 +174,7 @@ def train(args) -> dict:
     n_tokens = sum(len(e.tokens) for e in train_ex)
     per_epoch = len(batches(train_ex, args.batch_tokens, random.Random(0)))
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
-    max_total = total
+    sched = Schedule(total, args.lr, args.time_budget)
     print(f"eagle: {len(train_ex)} train / {len(val_ex)} val sequences, {n_tokens} tokens, "
           f"draft vocab {cfg.draft_vocab_size or target.vocab_size} (covers {vocab_coverage(train_ex, ids):.3f} "
           f"of response tokens), {copied} tensors from the target's last layer, {per_epoch} steps/epoch",
@@ -185,12 +184,6 @@ def train(args) -> dict:
     t0 = time.time()
     step, log = 0, []
     bar = tqdm(total=total, desc="eagle")
-
-    def lr_at(s):
-        warm = max(1, int(0.03 * total))
-        if s < warm:
-            return args.lr * (s + 1) / warm
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
 
     def save(final=False):
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -203,13 +196,13 @@ def train(args) -> dict:
         save_drafter(args.out, {**cfg.to_dict(), "train": info}, state)
         return info
 
-    while step < total:
+    while step < sched.total:
         for batch in batches(train_ex, args.batch_tokens, rng):
-            if step >= total:
+            if step >= sched.total:
                 break
             toks, feats, valid, plen = (t.to(dev) for t in pad_batch(batch))
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = sched.lr(step)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss, st = eagle_loss(model, embed, head_w, toks, feats, valid, plen, unroll=args.unroll,
                                       noise=args.noise, feat_std=feat_std, ce_weight=args.ce_weight, generator=gen)
@@ -221,13 +214,10 @@ def train(args) -> dict:
             log.append([step, float(loss.detach())] + [v for row in st for v in row])
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc1=f"{st[0][2]:.3f}", accK=f"{st[-1][2]:.3f}")
-            if args.time_budget and step >= 10 and step % 10 == 0:
-                # Re-fit the schedule to the budget as the measured step time changes (shared CPUs).
-                per_step = (time.time() - t0) / step
-                total = max(step + 1, min(max_total, int(args.time_budget * 60 / per_step)))
-                bar.total = total
+            if sched.refit(step, time.time() - t0):
+                bar.total = sched.total
                 bar.refresh()
-            if args.save_every and step % args.save_every == 0 and step < total:
+            if args.save_every and step % args.save_every == 0 and step < sched.total:
                 save()
     bar.close()
     info = save(final=True)
@@ -239,13 +229,7 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(train, parse_args, argv)
 
 
 if __name__ == "__main__":

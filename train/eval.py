@@ -79,7 +79,7 @@ def write_markdown(results: dict, path: str, meta: dict) -> None:
     kinds = list(results)
     temps = list(next(iter(results.values())))
     cats = [c for c in next(iter(next(iter(results.values())).values())) if c != "all"]
-    lines = [f"# Drafter acceptance (held-out prompts)", "",
+    lines = ["# Drafter acceptance (held-out prompts)", "",
              "tau = tokens committed per target verification step (bonus token included). "
              + ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| drafter | T | " + " | ".join(cats) + " | all |", "|---|---|" + "---|" * (len(cats) + 1)]
@@ -116,7 +116,7 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
              f"- training: {tr.get('steps')} steps ({tr.get('epochs')} epochs) in {tr.get('seconds')} s on "
              "a shared 2-core CPU (bf16 autocast)"
              + (f", unroll {tr['unroll']}, noise {tr['noise']}, ce weight {tr['ce_weight']}" if kind == "eagle" else ""),
-             f"- reproduce: see docs/drafters.md", "",
+             "- reproduce: see docs/drafters.md", "",
              f"tau (tokens per verification step, bonus included) on the held-out prompts of bench/common.py, "
              f"tree budget {meta.get('tree_budget')}, {meta.get('max_tokens')} new tokens, target {meta.get('dtype')}:",
              "", "| T | " + " | ".join(cats) + " | all |", "|---|" + "---|" * (len(cats) + 1)]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import sys
 import time
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import draft_vocab, load_examples, split, target_map, vocab_coverage
+from train.common import Schedule, cli, draft_vocab, load_examples, split, target_map, vocab_coverage
 
 RANKS = 10
 
@@ -126,18 +124,12 @@ def train(args) -> dict:
     model = MedusaModel(cfg, torch.float32).to(dev).train()
     per_epoch = max(1, len(x) // args.batch)
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
-    max_total = total
+    sched = Schedule(total, args.lr, args.time_budget)
     print(f"medusa: {len(x)} train / {len(xv)} val positions, draft vocab {cfg.draft_vocab_size or target.vocab_size}"
           f" (covers {vocab_coverage(train_ex, ids):.3f}), {per_epoch} steps/epoch", file=sys.stderr)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     t0, step, log = time.time(), 0, []
-
-    def lr_at(s):
-        warm = max(1, int(0.03 * total))
-        if s < warm:
-            return args.lr * (s + 1) / warm
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
 
     def save(final=False):
         if final and len(xv):
@@ -151,14 +143,14 @@ def train(args) -> dict:
         return info
 
     bar = tqdm(total=total, desc="medusa")
-    while step < total:
+    while step < sched.total:
         perm = torch.randperm(len(x), generator=gen).to(dev)
         for s in range(0, len(perm) - args.batch + 1 if len(perm) >= args.batch else 1, args.batch):
-            if step >= total:
+            if step >= sched.total:
                 break
             idx = perm[s: s + args.batch]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = sched.lr(step)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss, accs = medusa_loss(model, head_w, x[idx].float(), y[idx], args.decay)
             opt.zero_grad(set_to_none=True)
@@ -169,13 +161,10 @@ def train(args) -> dict:
             log.append([step, float(loss.detach())] + accs)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=",".join(f"{a:.2f}" for a in accs))
-            if args.time_budget and step >= 10 and step % 10 == 0:
-                # Re-fit the schedule to the budget as the measured step time changes (shared CPUs).
-                per_step = (time.time() - t0) / step
-                total = max(step + 1, min(max_total, int(args.time_budget * 60 / per_step)))
-                bar.total = total
+            if sched.refit(step, time.time() - t0):
+                bar.total = sched.total
                 bar.refresh()
-            if args.save_every and step % args.save_every == 0 and step < total:
+            if args.save_every and step % args.save_every == 0 and step < sched.total:
                 save()
     bar.close()
     info = save(final=True)
@@ -187,13 +176,7 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(train, parse_args, argv)
 
 
 if __name__ == "__main__":

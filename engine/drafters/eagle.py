@@ -78,7 +78,7 @@ class EagleModel(nn.Module):
             for lin in (self.mlp.gate_up_proj, self.mlp.down_proj):
                 bound = lin.weight.shape[1] ** -0.5
                 lin.weight.uniform_(-bound, bound)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         for p in self.parameters():
             p.requires_grad_(True)
 
