@@ -18,7 +18,9 @@ maximises *goodput*, accepted tokens per second over the batch::
 
 then backs off under KV pressure (the largest allowed tree shrinks linearly to
 0 as KV utilisation goes from ``kv_soft`` to ``kv_hard``) and never lets a
-replica without a healthy drafter speculate. Changes that are not forced
+replica without a healthy drafter speculate. A replica that has only ever verified
+trees of one size is probed once without a tree, so the step-time fit can tell a
+tree's tokens from the step's fixed cost. Changes that are not forced
 (drafter gone, KV cap) need hysteresis: the new budget must beat the current
 one by ``hysteresis`` for ``hold_reports`` reports in a row and at least
 ``min_dwell_s`` after the last change, so decisions do not flap.
@@ -115,6 +117,11 @@ class StepTimeModel:
         slope = max(0.0, sum(w * (x - mx) * (y - my) for x, y, w in points) / sxx)
         return max(0.0, my - slope * mx), slope
 
+    def token_spread(self) -> float:
+        """Range of batch-token counts seen: 0 means the per-token cost cannot be told from the fixed cost."""
+        xs = [b + nodes for b, nodes, _, _, _ in self.samples]
+        return max(xs) - min(xs) if xs else 0.0
+
     def params(self) -> dict | None:
         verify = self._fit([(b + nodes, v, n) for b, nodes, v, _, n in self.samples])
         if verify is None:
@@ -140,6 +147,7 @@ class _ReplicaState:
     decision: Decision | None = None
     last_change: float = -math.inf
     streak: int = 0
+    probed: bool = False  # ran a report without a tree to learn what the tree's tokens cost
     report: LoadReport | None = None
     seen_at: float = 0.0
 
@@ -209,6 +217,12 @@ class SpeculationPolicy:
         cur = st.decision.tree_budget if st.decision else None
         if cur is None:
             return self._set(st, best, self._why(best, batch, r), scores, now)
+        if cur > 0 and not st.probed and st.model.token_spread() < 1:
+            # Every step so far verified the same number of tokens, so the fit cannot
+            # separate the fixed step cost from the per-token cost and would call a
+            # tree free. Measure one report without a tree (forced: no hysteresis).
+            st.probed = True
+            return self._set(st, 0, f"batch {batch}: probing the step cost without a tree", scores, now)
         if cur > cap:  # KV pressure: shrink now, no hysteresis
             return self._set(st, best, f"KV {r.kv_used}/{r.kv_total} caps the tree at {cap}", scores, now)
         if best != cur and scores[best] > scores[cur] * (1 + self.config.hysteresis):

@@ -164,3 +164,23 @@ def test_reason_describes_the_latest_report():
     assert first.startswith("batch 1,")
     d = policy.observe("r0", rep.report(40), now=11)  # load jumps: a change needs hold_reports reports
     assert d.reason.startswith("batch 40,") and d.reason != first
+
+
+def test_probes_the_step_cost_and_stops_speculating_when_tokens_are_expensive(monkeypatch):
+    """CPU-like law (every verified token costs 40% of a one-token step): off must win at batch 1.
+
+    Before any tree-free step is measured, all steps verify the same token count and the fit
+    cannot see that tokens cost time; the policy must probe without a tree and then stay off.
+    """
+    import test_router as mod
+
+    monkeypatch.setattr(mod, "true_times", lambda b, k: (0.02 + 0.008 * b * (1 + k), 0.004 if k else 0.0))
+    policy, rep = SpeculationPolicy(), SyntheticReplica()
+    idle = LoadReport(max_num_seqs=64, kv_total=1000, drafter="eagle", drafter_healthy=True,
+                      max_tree_budget=MAX_BUDGET)  # a replica that has not run a step yet
+    rep.budget = policy.observe("r0", idle, now=-1.0).tree_budget
+    assert rep.budget > 0  # no timing yet: the acceptance prior says speculate
+    budgets = drive(policy, rep, [1] * 30)
+    assert budgets[0] == 0  # every step so far had the same size: probe without a tree
+    assert budgets[-10:] == [0] * 10  # and stay off: the tree's tokens cost more than they commit
+    assert "probing" not in policy.observe("r0", rep.report(1), now=40).reason
