@@ -111,13 +111,24 @@ class Schedule:
             return self.peak * (step + 1) / warm
         return self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, self.total - warm))))
 
-    def refit(self, step: int, elapsed_s: float) -> bool:
-        """Re-fit total to the budget after `step` steps took elapsed_s; True when total changed."""
+    def refit(self, step: int, elapsed_s: float, bar=None) -> bool:
+        """Re-fit total to the budget after `step` steps took elapsed_s (and a tqdm bar's total); True on change."""
         if not self.budget_s or step < 10 or step % 10:
             return False
         old = self.total
         self.total = max(step + 1, min(self.max_total, int(self.budget_s * step / max(elapsed_s, 1e-9))))
+        if bar is not None and self.total != old:
+            bar.total = self.total
+            bar.refresh()
         return self.total != old
+
+
+def optimizer_step(opt, model, loss, max_grad_norm: float = 1.0) -> None:
+    """Backward, clip the global gradient norm, update: one training step of either trainer."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
 
 
 def cli(train, parse_args, argv=None) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import Schedule, cli, batches, draft_vocab, load_examples, pad_batch, split, vocab_coverage
+from train.common import Schedule, cli, optimizer_step, batches, draft_vocab, load_examples, pad_batch, split, vocab_coverage
 
 
 def unroll_mask(n: int, k: int, device=None) -> torch.Tensor:
@@ -206,17 +206,12 @@ def train(args) -> dict:
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss, st = eagle_loss(model, embed, head_w, toks, feats, valid, plen, unroll=args.unroll,
                                       noise=args.noise, feat_std=feat_std, ce_weight=args.ce_weight, generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, model, loss)
             step += 1
             log.append([step, float(loss.detach())] + [v for row in st for v in row])
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc1=f"{st[0][2]:.3f}", accK=f"{st[-1][2]:.3f}")
-            if sched.refit(step, time.time() - t0):
-                bar.total = sched.total
-                bar.refresh()
+            sched.refit(step, time.time() - t0, bar)
             if args.save_every and step % args.save_every == 0 and step < sched.total:
                 save()
     bar.close()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import Schedule, cli, draft_vocab, load_examples, split, target_map, vocab_coverage
+from train.common import Schedule, cli, optimizer_step, draft_vocab, load_examples, split, target_map, vocab_coverage
 
 RANKS = 10
 
@@ -153,17 +153,12 @@ def train(args) -> dict:
                 g["lr"] = sched.lr(step)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss, accs = medusa_loss(model, head_w, x[idx].float(), y[idx], args.decay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, model, loss)
             step += 1
             log.append([step, float(loss.detach())] + accs)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=",".join(f"{a:.2f}" for a in accs))
-            if sched.refit(step, time.time() - t0):
-                bar.total = sched.total
-                bar.refresh()
+            sched.refit(step, time.time() - t0, bar)
             if args.save_every and step % args.save_every == 0 and step < sched.total:
                 save()
     bar.close()
