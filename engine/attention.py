@@ -6,10 +6,11 @@ CPU runs never need Triton).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from kernels.reference import attention_plan
 from kernels.reference import paged_attention as torch_paged_attention
 from kernels.reference import write_kv
 
@@ -30,6 +31,8 @@ class AttentionMetadata:
     context_lens: list[int]
     query_start_loc: list[int]
     tree_mask: torch.Tensor | None = None
+    # CPU path: padding and mask of the forward, built by the first layer for the rest.
+    plans: dict = field(default_factory=dict)
 
 
 def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -41,8 +44,15 @@ def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
             meta.tree_mask, scale,
         )
+    key = (q.shape[1] // k_cache.shape[2], q.dtype)  # (query heads per KV head, dtype)
+    plan = meta.plans.get(key)
+    if plan is None:
+        plan = meta.plans[key] = attention_plan(
+            meta.context_lens, meta.query_start_loc, meta.tree_mask, key[0], q.dtype, q.device
+        )
     return torch_paged_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, meta.tree_mask, scale
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, meta.tree_mask, scale,
+        plan,
     )
 
 
