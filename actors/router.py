@@ -13,16 +13,23 @@ maximises *goodput*, accepted tokens per second over the batch::
             included; tau(0) = 1), measured per replica as an EMA per budget,
             interpolated as 1 + (tau(m) - 1) * log(1 + k) / log(1 + m) from the
             nearest measured budget m (a prior before any measurement)
-    T(B,k)  step time, fitted from the replica's reports:
-            verify = a + b * (batch tokens = B * (1 + k)), draft = d0 + d1 * (B * k)
+    T(B,k)  step time: the measured mean of the replica's recent steps at batch B
+            with ~k nodes per sequence when it has run them; elsewhere a fitted line
+            (verify = a + b * (batch tokens = B * (1 + k)), draft = d0 + d1 * (B * k))
+            scaled by its error at the nearest batch measured with budget k
 
 then backs off under KV pressure (the largest allowed tree shrinks linearly to
 0 as KV utilisation goes from ``kv_soft`` to ``kv_hard``) and never lets a
-replica without a healthy drafter speculate. A replica that has only ever verified
-trees of one size is probed once without a tree, so the step-time fit can tell a
-tree's tokens from the step's fixed cost. Changes that are not forced
-(drafter gone, KV cap) need hysteresis: the new budget must beat the current
-one by ``hysteresis`` for ``hold_reports`` reports in a row and at least
+replica without a healthy drafter speculate.
+
+A step's cost is not linear in its tokens everywhere (on a CPU a 9-token verify
+costs ~1.2x a one-token step and a 17-token one ~1.5x; on a GPU both ~1x), so
+the policy learns by measuring: when no tree, or a budget next to the current
+one, has never run at this batch size and its estimate is too close to call, it
+is *probed* for one report and the decision returns to where it was (each
+(batch, budget) once per replica). Changes that are not forced (drafter gone,
+KV cap) need hysteresis: the new budget must beat the current one by
+``hysteresis`` for ``hold_reports`` reports in a row and at least
 ``min_dwell_s`` after the last change, so decisions do not flap.
 
 ``SpeculationPolicy`` is plain Python (no ray) and unit-tested on synthetic
@@ -82,6 +89,7 @@ class PolicyConfig:
     budget_fractions: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)  # candidates, as fractions of the replica's max
     hysteresis: float = 0.10
     hold_reports: int = 3
+    probe_margin: float = 0.5  # probe off when its estimate is within this of the speculative one
     min_dwell_s: float = 3.0
     kv_soft: float = 0.70
     kv_hard: float = 0.90
@@ -93,7 +101,18 @@ class PolicyConfig:
 
 
 class StepTimeModel:
-    """Weighted least squares fits of verify and draft time, from (B, nodes, verify, draft, n) samples."""
+    """Decode step times from (B, nodes, verify, draft, n) samples: measured where seen, fitted elsewhere.
+
+    ``step_time(B, k)`` is the measured mean step time (verify + draft) of the most
+    recent steps that ran batch B with about k nodes per sequence, when there are
+    any: a step's cost is not linear in its tokens on every machine (on CPU a
+    17-token verify costs ~1.5x a one-token step, on a GPU nearly 1x), so a
+    measurement beats any law. Elsewhere a weighted least-squares line
+    (verify = a + b * batch tokens, draft = d0 + d1 * nodes) extrapolates, scaled by
+    how far off the line was at the nearest batch measured with the same k.
+    """
+
+    recent = 32  # samples of one (batch, budget) that make its measured mean
 
     def __init__(self, window: int):
         self.samples: deque = deque(maxlen=window)
@@ -130,8 +149,18 @@ class StepTimeModel:
         draft = self._fit(drafted) or (0.0, 0.0)
         return {"a": verify[0], "b": verify[1], "d0": draft[0], "d1": draft[1]}
 
-    def step_time(self, batch: int, budget: int) -> float | None:
-        p = self.params()
+    def measured(self, batch: int, budget: int) -> float | None:
+        """Mean step time of the latest steps at this batch with ~budget nodes per sequence, or None."""
+        got, weight, total = 0, 0.0, 0.0
+        for b, nodes, v, d, n in reversed(self.samples):
+            if b == batch and round(nodes / b) == budget:
+                weight, total, got = weight + n, total + n * (v + d), got + 1
+                if got == self.recent:
+                    break
+        return total / weight if weight else None
+
+    def fitted(self, batch: int, budget: int, p: dict | None = None) -> float | None:
+        p = p or self.params()
         if p is None:
             return None
         t = p["a"] + p["b"] * batch * (1 + budget)
@@ -139,6 +168,20 @@ class StepTimeModel:
             t += p["d0"] + p["d1"] * batch * budget
         return max(t, 1e-6)
 
+    def step_time(self, batch: int, budget: int) -> float | None:
+        seen = self.measured(batch, budget)
+        if seen is not None:
+            return seen
+        p = self.params()
+        fit = self.fitted(batch, budget, p)
+        if fit is None:
+            return None
+        # Correct the line by its error at the nearest batch measured with this budget.
+        batches = {int(b) for b, nodes, _, _, _ in self.samples if round(nodes / b) == budget}
+        if batches:
+            near = min(batches, key=lambda b: (abs(math.log(b / batch)), b))
+            fit *= self.measured(near, budget) / self.fitted(near, budget, p)
+        return fit
 
 @dataclass
 class _ReplicaState:
@@ -147,7 +190,8 @@ class _ReplicaState:
     decision: Decision | None = None
     last_change: float = -math.inf
     streak: int = 0
-    probed: bool = False  # ran a report without a tree to learn what the tree's tokens cost
+    probed: set = field(default_factory=set)  # batch sizes measured without a tree on purpose
+    probe_return: tuple | None = None  # (decision, last_change) a one-report probe interrupted
     report: LoadReport | None = None
     seen_at: float = 0.0
 
@@ -217,12 +261,19 @@ class SpeculationPolicy:
         cur = st.decision.tree_budget if st.decision else None
         if cur is None:
             return self._set(st, best, self._why(best, batch, r), scores, now)
-        if cur > 0 and not st.probed and st.model.token_spread() < 1:
-            # Every step so far verified the same number of tokens, so the fit cannot
-            # separate the fixed step cost from the per-token cost and would call a
-            # tree free. Measure one report without a tree (forced: no hysteresis).
-            st.probed = True
-            return self._set(st, 0, f"batch {batch}: probing the step cost without a tree", scores, now)
+        if st.probe_return is not None:
+            # The probe (one report) is measured: go back to the decision it interrupted,
+            # as if it had never changed; the measurement now informs the estimates.
+            (back, changed), st.probe_return = st.probe_return, None
+            st.decision, st.last_change = back, changed
+            cur = back.tree_budget
+        probe = self._probe(st, batch, cur, cap, scores) if cur <= cap else None
+        if probe is not None:
+            st.probed.add((batch, probe))
+            st.probe_return = (st.decision, st.last_change)
+            st.decision = Decision(probe > 0, probe, f"batch {batch}: probing the step cost with budget {probe}",
+                                   scores, now)
+            return st.decision
         if cur > cap:  # KV pressure: shrink now, no hysteresis
             return self._set(st, best, f"KV {r.kv_used}/{r.kv_total} caps the tree at {cap}", scores, now)
         if best != cur and scores[best] > scores[cur] * (1 + self.config.hysteresis):
@@ -239,6 +290,29 @@ class SpeculationPolicy:
         st.decision.goodput, st.decision.reason = scores, reason
         return st.decision
 
+    def _probe(self, st: _ReplicaState, batch: int, cur: int, cap: int, scores: dict) -> int | None:
+        """A budget worth measuring for one report at this batch size, or None.
+
+        Estimates away from what was measured are extrapolations, and a wrong step-time
+        law can hide the best budget forever. So, like a hill climb on measured
+        goodput, try no tree and the budgets next to the current one when their
+        estimate is within ``probe_margin`` of the current one and of the best one
+        (or, for no tree, when the fit cannot be trusted: one step size seen). Each (batch, budget) is probed once per
+        replica; later reports use the measurement.
+        """
+        cands = sorted(scores)
+        i = cands.index(cur) if cur in cands else 0
+        margin = 1 + self.config.probe_margin
+        for k in dict.fromkeys([0] + cands[max(0, i - 1): i] + cands[i + 1: i + 2]):
+            if k == cur or k > cap or (batch, k) in st.probed or st.model.measured(batch, k) is not None:
+                continue
+            if k == 0 and st.model.token_spread() < 1:
+                return k
+            close = scores[cur] / margin <= scores[k] <= scores[cur] * margin  # cannot tell them apart
+            if close and scores[k] * margin >= max(scores.values()):  # and it could be the best
+                return k
+        return None
+
     @staticmethod
     def _why(budget: int, batch: int, r: LoadReport) -> str:
         kv = f"KV {r.kv_used}/{r.kv_total}"
@@ -248,6 +322,7 @@ class SpeculationPolicy:
 
     def _set(self, st: _ReplicaState, budget: int, reason: str, scores: dict, now: float) -> Decision:
         st.streak = 0
+        st.probe_return = None  # a real decision ends any probe
         if st.decision is None or st.decision.tree_budget != budget:
             st.decision = Decision(budget > 0, budget, reason, scores, now)
             st.last_change = now

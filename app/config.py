@@ -11,7 +11,7 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, auto_dtype, auto_tree_budget
 
 DRAFTER_CHOICES = ("auto", "off", "eagle", "medusa")
 REQUEST_SPECULATION = ("auto", "off", "eagle", "medusa")
@@ -23,11 +23,12 @@ class AppConfig:
     model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct) or a HF checkpoint directory
     served_model_name: str | None = None  # the "model" clients send; defaults to the checkpoint's name
     tp: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on GPUs and bf16-capable CPUs, else float32
     device: str = "cpu"
     drafter: str = "auto"  # auto: the shipped drafter when there is one, else off; or off/eagle/medusa
     draft_path: str | None = None
-    tree_budget: int = 60  # largest draft tree per sequence; the router picks 0..tree_budget
+    tree_budget: int | None = None  # largest draft tree per sequence (None: 60 on GPU, 8 on CPU);
+    # the router picks 0..tree_budget
     max_num_seqs: int = 16
     max_model_len: int = 2048
     num_blocks: int | None = None
@@ -67,6 +68,12 @@ class AppConfig:
             cfg.otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
         cfg.validate()
         return cfg
+
+    def __post_init__(self):
+        if self.dtype == "auto":
+            self.dtype = auto_dtype(self.device)
+        if self.tree_budget is None:
+            self.tree_budget = auto_tree_budget(self.device)
 
     def validate(self) -> None:
         if self.executor not in ("auto", "local", "ray"):

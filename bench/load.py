@@ -459,7 +459,9 @@ def parse_args(argv=None):
     ap.add_argument("--draft-path", default="random",
                     help="'random' (untrained drafters), 'shipped' (assets/), or a directory")
     ap.add_argument("--auto-drafter", default="eagle", choices=("eagle", "medusa"))
-    ap.add_argument("--tree-budget", type=int, default=16)
+    ap.add_argument("--tree-budget", type=int, default=8)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="the apps' dtype (auto: what `make serve` picks on this machine)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest concurrency level")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--report-interval", type=float, default=0.5)
@@ -498,6 +500,7 @@ def main(argv=None) -> int:
             common = {"max_num_seqs": str(args.max_num_seqs or max(1, int(math.ceil(top)))),
                       "max_waiting": "64", "max_model_len": "512", "kv_cache_gib": "0.25",
                       "tree_budget": str(args.tree_budget), "torch_threads": str(args.torch_threads),
+                      "dtype": args.dtype,
                       "report_interval_s": str(args.report_interval), "queue_timeout_s": str(args.request_timeout)}
             if args.draft_path != "shipped":
                 common["draft_path"] = args.draft_path
@@ -510,7 +513,10 @@ def main(argv=None) -> int:
     rows = compare(results, args.levels)
     cross = crossover(rows)
     auto_rows = [r for r in rows if "auto_ok" in r]
-    doc = {"bench": "load", "model": "default (SmolLM2-135M-Instruct)", "dtype": "float32",
+    from engine.config import auto_dtype
+
+    dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
+    doc = {"bench": "load", "model": "default (SmolLM2-135M-Instruct)", "dtype": None if args.url else dtype,
            "load_kind": args.load, "levels": args.levels, "modes": args.modes, "max_tokens": args.max_tokens,
            "draft_path": args.draft_path, "tree_budget": args.tree_budget, "warmup_s": args.warmup,
            "duration_s": args.duration, "rounds": args.rounds, "apps": apps, "url": args.url,

@@ -136,3 +136,22 @@ class EngineConfig:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"{model.max_position_embeddings} positions"
             )
+
+
+def auto_dtype(device: str = "cpu") -> str:
+    """The serving dtype a device runs best: bfloat16 on GPUs and on CPUs with native bf16
+    matmuls (AVX512-BF16 or AMX: oneDNN streams half the bytes of fp32 there), else float32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16"
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if bf16 else "float32"
+
+
+def auto_tree_budget(device: str = "cpu") -> int:
+    """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
+    verifying them costs about one step), 8 on a CPU, where a 9-token verify already
+    costs ~1.2x a one-token step and 17 tokens ~1.5x (docs/benchmarks.md)."""
+    return 60 if device.startswith("cuda") else 8
+

@@ -31,6 +31,18 @@ def test_app_args_from_command_line_strings():
     assert AppConfig.from_args({"model": "/m/Llama-3.1-8B-Instruct/"}).model_name == "Llama-3.1-8B-Instruct"
 
 
+def test_device_dependent_defaults():
+    import torch
+
+    cpu = AppConfig.from_args({})
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == 8
+    gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
+    assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)
+    explicit = AppConfig.from_args({"dtype": "float32", "tree_budget": "32"})
+    assert (explicit.dtype, explicit.tree_budget, explicit.engine_config("eagle").tree_budget) == ("float32", 32, 32)
+
+
 @pytest.mark.parametrize("args, match", [
     ({"bogus": 1}, "unknown argument"),
     ({"tp": "two"}, "not a valid int"),

@@ -61,7 +61,7 @@ def served():
     ray.init(num_cpus=16, configure_logging=False, log_to_driver=False, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = deployment({"executor": "ray", "tp": "1", "drafter": "eagle", "draft_path": "random",
+        app = deployment({"executor": "ray", "tp": "1", "dtype": "float32", "drafter": "eagle", "draft_path": "random",
                           "tree_budget": "4", "router": "false", "max_num_seqs": "4", "max_waiting": "16",
                           "max_model_len": str(CONTEXT), "kv_cache_gib": "0.1", "queue_timeout_s": "30",
                           "report_interval_s": "0.5", "torch_threads": "1"})
@@ -326,7 +326,7 @@ def test_shard_killed_clear_error_then_recovers(served):
 def test_graceful_shutdown_ends_in_flight_requests(served):
     from app import deployment
 
-    app = deployment({"max_num_seqs": "2", "max_waiting": "4", "max_model_len": str(CONTEXT),
+    app = deployment({"max_num_seqs": "2", "max_waiting": "4", "max_model_len": str(CONTEXT), "dtype": "float32",
                       "kv_cache_gib": "0.05", "torch_threads": "1", "drafter": "off"})
     serve.run(app, name="victim", route_prefix="/victim")
     url = served["base"] + "/victim"

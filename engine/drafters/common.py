@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from engine.parallel import linear
+
 
 class DraftHead(nn.Module):
     """The target's lm_head, optionally restricted to a draft vocabulary.
@@ -17,6 +19,8 @@ class DraftHead(nn.Module):
     d2t trick) cuts that cost by V / Vd. ``ids`` maps draft rows to target ids.
     """
 
+    packable = True  # engine.parallel.pack_cpu_weights may give it a oneDNN-packed copy
+
     def __init__(self, lm_head_weight: torch.Tensor, ids: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("ids", None if ids is None else ids.long(), persistent=False)
@@ -25,7 +29,7 @@ class DraftHead(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., H] -> logits over the draft vocabulary [..., Vd]."""
-        return h.to(self.weight.dtype) @ self.weight.T
+        return linear(self, h.to(self.weight.dtype))
 
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, H] -> (log-probs [n, k], target token ids [n, k]), best first."""

@@ -25,7 +25,7 @@ from engine.drafters.common import DraftHead
 from engine.drafters.trees import select_dynamic
 from engine.model import MLP, RMSNorm, RotaryEmbedding
 from engine.config import ModelConfig
-from engine.parallel import TPGroup
+from engine.parallel import TPGroup, linear
 
 
 @dataclass
@@ -89,11 +89,11 @@ class EagleModel(nn.Module):
         """
         c = self.cfg
         b, n, _ = tok_emb.shape
-        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], dim=-1))
+        x = linear(self.fc, torch.cat([tok_emb, feats.to(tok_emb.dtype)], dim=-1))
         hn = self.input_layernorm(x)
-        q = self.q_proj(hn).view(b * n, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(hn).view(b * n, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(hn).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, hn).view(b * n, c.num_attention_heads, c.head_dim)
+        k = linear(self.k_proj, hn).view(b * n, c.num_key_value_heads, c.head_dim)
+        v = linear(self.v_proj, hn).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         q, k = self.rope(positions.reshape(-1), q, k)
         q = q.view(b, n, -1, c.head_dim).transpose(1, 2)
         k = k.view(b, n, -1, c.head_dim).transpose(1, 2)
@@ -101,7 +101,7 @@ class EagleModel(nn.Module):
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
                                            enable_gqa=c.num_attention_heads != c.num_key_value_heads)
-        x = x + self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        x = x + linear(self.o_proj, o.transpose(1, 2).reshape(b, n, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
@@ -172,7 +172,7 @@ class EagleDrafter(Drafter):
         if st is None or budget <= 0:
             return DraftTree([], [])
         self._catch_up(st)
-        k = self.top_k
+        k = min(self.top_k, budget)  # wider than the budget cannot pay: only `budget` nodes are kept
         # Every drafted node: token, parent (-1 root), cumulative log-prob, depth.
         logp, toks = self.head.topk(st.last.unsqueeze(0), k)
         tokens, parents = toks[0].tolist(), [-1] * k
@@ -183,6 +183,12 @@ class EagleDrafter(Drafter):
         fwd_anc: list[torch.Tensor] = []  # per forwarded node: bool mask over forwarded nodes
         fwd_index: dict[int, int] = {}  # node -> forwarded row
         for d in range(1, self.depth):
+            # Exact early stop: a child never outscores its parent, so once the budget-th
+            # best score so far is at least the best frontier score, no deeper node can
+            # make the final selection (ties go to the shallower node). Each depth is a
+            # drafter forward plus a head read, the main drafting cost on CPU.
+            if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= max(scores[i] for i in frontier):
+                break
             m = len(fwd_anc)
             mask = torch.zeros(len(frontier), st.length + m + len(frontier), dtype=torch.bool)
             mask[:, : st.length] = True
@@ -206,12 +212,10 @@ class EagleDrafter(Drafter):
             cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
             best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
             base = len(tokens)
-            for j, node in enumerate(frontier):
-                for c in range(k):
-                    tokens.append(int(child_tok[j, c]))
-                    parents.append(node)
-                    scores.append(float(cum[j, c]))
-                    depths.append(d + 1)
+            tokens += child_tok.flatten().tolist()
+            scores += cum.flatten().tolist()
+            parents += [node for node in frontier for _ in range(k)]
+            depths += [d + 1] * (len(frontier) * k)
             frontier = [base + i for i in best]
             front_feat = out[0][[i // k for i in best]]
         keep = select_dynamic(scores, parents, depths, budget)

@@ -15,6 +15,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.drafters.common import DraftHead, read_drafter
 from engine.drafters.eagle import EagleConfig, EagleDrafter, EagleModel
 from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
+from engine.parallel import pack_cpu_weights
 from engine.runner import DTYPES
 from engine.weights import DEFAULT_MODEL, checkpoint_files
 
@@ -77,6 +78,9 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     head = DraftHead(lm_head.detach().to(dtype), state_ids)
+    if cfg.device == "cpu":
+        pack_cpu_weights(model)  # bf16 only: drafting reads ~20 MB per depth, packed ~1.5x faster
+        pack_cpu_weights(head)
     if cfg.speculation == "eagle":
         return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth)
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.drafters.base import Drafter, DraftTree
 from engine.drafters.common import DraftHead
+from engine.parallel import linear
 from engine.drafters.trees import best_tree, default_medusa_tree, tree_from_choices
 
 
@@ -43,7 +44,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)  # starts as identity: head i begins as the lm_head itself
 
     def forward(self, x):
-        return x + F.silu(self.linear(x))
+        return x + F.silu(linear(self.linear, x))
 
 
 class MedusaModel(nn.Module):
