@@ -27,10 +27,12 @@ costs ~1.2x a one-token step and a 17-token one ~1.5x; on a GPU both ~1x), so
 the policy learns by measuring: when no tree, or a budget next to the current
 one, has never run at this batch size and its estimate is too close to call, it
 is *probed* for one report and the decision returns to where it was (each
-(batch, budget) once per replica). Changes that are not forced (drafter gone,
-KV cap) need hysteresis: the new budget must beat the current one by
-``hysteresis`` for ``hold_reports`` reports in a row and at least
-``min_dwell_s`` after the last change, so decisions do not flap.
+budget once per batch bucket 1, 2, 3-4, 5-8, ... per replica). A tree must
+beat no tree by ``min_gain``: speculation adds latency variance and KV use.
+Changes that are not forced (drafter gone, KV cap) need hysteresis: a larger
+budget must beat the current one by ``hysteresis`` (a smaller one just has to
+be better) for ``hold_reports`` reports in a row and at least ``min_dwell_s``
+after the last change, so decisions do not flap.
 
 ``SpeculationPolicy`` is plain Python (no ray) and unit-tested on synthetic
 reports; ``Router`` is the thin Ray actor around it (one named actor per Serve
@@ -89,7 +91,8 @@ class PolicyConfig:
     budget_fractions: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)  # candidates, as fractions of the replica's max
     hysteresis: float = 0.10
     hold_reports: int = 3
-    probe_margin: float = 0.5  # probe off when its estimate is within this of the speculative one
+    probe_margin: float = 0.25  # probe a budget whose estimate is within this of the current and the best
+    min_gain: float = 0.05  # a tree must beat no tree by this much
     min_dwell_s: float = 3.0
     kv_soft: float = 0.70
     kv_hard: float = 0.90
@@ -190,7 +193,7 @@ class _ReplicaState:
     decision: Decision | None = None
     last_change: float = -math.inf
     streak: int = 0
-    probed: set = field(default_factory=set)  # batch sizes measured without a tree on purpose
+    probed: set = field(default_factory=set)  # (batch bucket, budget) pairs probed
     probe_return: tuple | None = None  # (decision, last_change) a one-report probe interrupted
     report: LoadReport | None = None
     seen_at: float = 0.0
@@ -257,7 +260,10 @@ class SpeculationPolicy:
         cap = self.kv_cap(r)
         allowed = [k for k in self.candidates(r.max_tree_budget) if k <= cap]
         scores = {k: self.goodput(st, batch, k, r.max_tree_budget, now) for k in self.candidates(r.max_tree_budget)}
-        best = max(allowed, key=lambda k: (scores[k], -k))
+        # A tree must beat no tree by min_gain: speculation adds latency variance (requests
+        # finish out of step) and KV use, so a tie goes to plain decoding.
+        gain = {k: 1.0 if k == 0 else 1.0 - self.config.min_gain for k in scores}
+        best = max(allowed, key=lambda k: (scores[k] * gain[k], -k))
         cur = st.decision.tree_budget if st.decision else None
         if cur is None:
             return self._set(st, best, self._why(best, batch, r), scores, now)
@@ -269,14 +275,22 @@ class SpeculationPolicy:
             cur = back.tree_budget
         probe = self._probe(st, batch, cur, cap, scores) if cur <= cap else None
         if probe is not None:
-            st.probed.add((batch, probe))
+            st.probed.add((_bucket(batch), probe))
             st.probe_return = (st.decision, st.last_change)
             st.decision = Decision(probe > 0, probe, f"batch {batch}: probing the step cost with budget {probe}",
                                    scores, now)
             return st.decision
         if cur > cap:  # KV pressure: shrink now, no hysteresis
             return self._set(st, best, f"KV {r.kv_used}/{r.kv_total} caps the tree at {cap}", scores, now)
-        if best != cur and scores[best] > scores[cur] * (1 + self.config.hysteresis):
+        # A larger tree must win by the hysteresis margin; a smaller one (or none, with the
+        # min_gain preference) only has to be estimated better: on near-ties the smaller
+        # tree costs less KV and adds less latency variance, and the asymmetry alone keeps
+        # near-ties from flapping.
+        if best > cur:
+            wins = scores[best] > scores[cur] * (1 + self.config.hysteresis)
+        else:
+            wins = scores[best] * gain[best] > scores[cur] * gain[cur]
+        if best != cur and wins:
             st.streak += 1
             if st.streak >= self.config.hold_reports and now - st.last_change >= self.config.min_dwell_s:
                 return self._set(st, best, self._why(best, batch, r), scores, now)
@@ -297,14 +311,15 @@ class SpeculationPolicy:
         law can hide the best budget forever. So, like a hill climb on measured
         goodput, try no tree and the budgets next to the current one when their
         estimate is within ``probe_margin`` of the current one and of the best one
-        (or, for no tree, when the fit cannot be trusted: one step size seen). Each (batch, budget) is probed once per
-        replica; later reports use the measurement.
+        (or, for no tree, when the fit cannot be trusted: one step size seen). Each
+        budget is probed once per batch bucket (1, 2, 3-4, 5-8, ...) per replica;
+        later reports use the measurements.
         """
         cands = sorted(scores)
         i = cands.index(cur) if cur in cands else 0
         margin = 1 + self.config.probe_margin
         for k in dict.fromkeys([0] + cands[max(0, i - 1): i] + cands[i + 1: i + 2]):
-            if k == cur or k > cap or (batch, k) in st.probed or st.model.measured(batch, k) is not None:
+            if k == cur or k > cap or (_bucket(batch), k) in st.probed or st.model.measured(batch, k) is not None:
                 continue
             if k == 0 and st.model.token_spread() < 1:
                 return k
@@ -351,6 +366,11 @@ class SpeculationPolicy:
                 "unchanged_for_s": round(now - s.last_change, 3) if s.decision else None,
             }
         return out
+
+
+def _bucket(batch: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, ... share a bucket: probes are not repeated for every size."""
+    return max(0, math.ceil(math.log2(max(batch, 1))))
 
 
 class Router:

@@ -42,13 +42,20 @@ log = logging.getLogger("ray.serve")
 # ---------------------------------------------------------------------------------------- engine
 
 
-def shipped_drafter() -> str | None:
-    """The kind of drafter shipped under assets/ for the default model, if any (eagle first)."""
+def shipped_drafter(device: str = "cpu") -> str | None:
+    """The kind of drafter shipped under assets/ for the default model, if any.
+
+    Preference by device: EAGLE on GPUs (higher acceptance, and its per-depth drafting
+    is cheap there); Medusa first on CPUs, where EAGLE's sequential drafting costs
+    as much as its extra acceptance buys and Medusa served equal or better throughput
+    and tail latency at every load level of bench/load.py (docs/benchmarks.md).
+    """
     try:
         from engine.drafters.loading import shipped_drafter as path_of
     except ImportError:
         return None
-    return next((k for k in ("eagle", "medusa") if os.path.exists(os.path.join(path_of(k), "config.json"))), None)
+    order = ("eagle", "medusa") if device.startswith("cuda") else ("medusa", "eagle")
+    return next((k for k in order if os.path.exists(os.path.join(path_of(k), "config.json"))), None)
 
 
 def build_engine(cfg: AppConfig):
@@ -59,7 +66,7 @@ def build_engine(cfg: AppConfig):
     """
     kind = cfg.drafter
     if kind == "auto":
-        kind = (shipped_drafter() if cfg.model == "default" else None) or "off"
+        kind = (shipped_drafter(cfg.device) if cfg.model == "default" else None) or "off"
     if cfg.use_ray_executor:
         from actors.replica import Replica
 

@@ -106,7 +106,7 @@ async def one_request(client, url: str, prompt: str, max_tokens: int, mode: str,
 # ---------------------------------------------------------------------------------------- one level
 
 
-async def poll_router(client, url: str, stop: asyncio.Event, samples: list, every: float = 0.5) -> None:
+async def poll_router(client, url: str, stop: asyncio.Event, samples: list, every: float = 1.0) -> None:
     """Record (time, speculating, tree budget in force, decided budget) of the app's replicas."""
     while not stop.is_set():
         try:
@@ -125,8 +125,10 @@ async def poll_router(client, url: str, stop: asyncio.Event, samples: list, ever
 
 
 async def run_level(client, url: str, mode: str, kind: str, level: float, warmup: float, duration: float,
-                    max_requests: int, max_tokens: int, timeout: float, seed: int, min_requests: int = 3) -> dict:
-    """kind: "concurrency" (level workers back to back) or "rate" (Poisson arrivals, level req/s).
+                    max_requests: int, max_tokens: int, timeout: float, seed: int, min_requests: int = 3,
+                    stagger: float = 1.0) -> dict:
+    """kind: "concurrency" (level workers back to back, started ``stagger`` seconds apart in
+    all) or "rate" (Poisson arrivals, level req/s).
 
     The measured window starts after ``warmup`` and lasts ``duration`` seconds, extended (up to
     ``timeout``) until ``min_requests`` requests have completed in it; requests count when they
@@ -166,11 +168,15 @@ async def run_level(client, url: str, mode: str, kind: str, level: float, warmup
         records.append(await one_request(client, url, prompt, max_tokens, mode, timeout))
 
     if kind == "concurrency":
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            # Clients do not start in the same instant: without a stagger, equal-length requests
+            # run in lockstep waves (one batched prefill per wave), a phase that any one-off
+            # delay breaks for good, so modes would be compared on their luck, not their speed.
+            await asyncio.sleep(i * stagger / max(level, 1))
             while keep_going():
                 await tracked(next_prompt())
 
-        await asyncio.gather(*(worker() for _ in range(int(level))))
+        await asyncio.gather(*(worker(i) for i in range(int(level))))
     else:
         tasks = []
         t = time.perf_counter()
@@ -419,7 +425,7 @@ async def bench(args, urls: dict[str, str], apps: dict) -> list[dict]:
                     url = urls[mode_app(mode, apps)] if apps else urls["url"]
                     r = await run_level(client, url, mode, args.load, level, args.warmup, args.duration,
                                         args.max_requests, args.max_tokens, args.request_timeout, seed=li * 97 + rnd,
-                                        min_requests=args.min_requests)
+                                        min_requests=args.min_requests, stagger=args.stagger)
                     per_mode.setdefault(mode, []).append(r)
                     bar.set_postfix_str(f"level {level:g} {mode}: {r['output_tok_s']:.1f} tok/s, "
                                         f"p99 {r['e2e_p99_s']}s, failed {r['failed']}")
@@ -454,11 +460,13 @@ def parse_args(argv=None):
     ap.add_argument("--min-requests", type=int, default=3,
                     help="stretch a level's window until this many requests completed in it")
     ap.add_argument("--rounds", type=int, default=1, help="repeat each level, rotating the mode order")
+    ap.add_argument("--stagger", type=float, default=1.0,
+                    help="concurrency: seconds over which the clients start (0: all at once, in lockstep)")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--url", default=None, help="bench a running server instead (all modes to this URL)")
     ap.add_argument("--draft-path", default="random",
                     help="'random' (untrained drafters), 'shipped' (assets/), or a directory")
-    ap.add_argument("--auto-drafter", default="eagle", choices=("eagle", "medusa"))
+    ap.add_argument("--auto-drafter", default="medusa", choices=("eagle", "medusa"))
     ap.add_argument("--tree-budget", type=int, default=8)
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the apps' dtype (auto: what `make serve` picks on this machine)")
@@ -519,7 +527,8 @@ def main(argv=None) -> int:
     doc = {"bench": "load", "model": "default (SmolLM2-135M-Instruct)", "dtype": None if args.url else dtype,
            "load_kind": args.load, "levels": args.levels, "modes": args.modes, "max_tokens": args.max_tokens,
            "draft_path": args.draft_path, "tree_budget": args.tree_budget, "warmup_s": args.warmup,
-           "duration_s": args.duration, "rounds": args.rounds, "apps": apps, "url": args.url,
+           "duration_s": args.duration, "rounds": args.rounds, "stagger_s": args.stagger, "apps": apps,
+           "url": args.url,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
            "results": results, "comparison": rows, "crossover_level": cross}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -108,7 +108,8 @@ def served():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Exactly what `serve run app:deployment key=value ...` hands the builder: strings.
         # drafter=off: this app checks the plain path; drafters are exercised by the "tight" app below.
-        app = deployment({"drafter": "off", "dtype": "float32", "max_num_seqs": "2", "max_waiting": "2", "max_model_len": str(CONTEXT),
+        app = deployment({"drafter": "off", "dtype": "float32",
+                          "max_num_seqs": "2", "max_waiting": "2", "max_model_len": str(CONTEXT),
                           "queue_timeout_s": "20", "report_interval_s": "0.5", "torch_threads": "2",
                           "otlp_endpoint": receiver.endpoint, "trace_export_delay_ms": "200"})
         serve.run(app, name="treespec", route_prefix="/")
@@ -323,7 +324,8 @@ def tight(served):
     untrained EAGLE drafter that always speculates (router=false: the router would switch it off)."""
     from app import deployment
 
-    serve.run(deployment({"num_blocks": "16", "dtype": "float32", "max_model_len": "256", "max_num_seqs": "4", "queue_timeout_s": "0.5",
+    serve.run(deployment({"num_blocks": "16", "dtype": "float32",
+                          "max_model_len": "256", "max_num_seqs": "4", "queue_timeout_s": "0.5",
                           "torch_threads": "2", "router": "false", "drafter": "eagle", "draft_path": "random",
                           "tree_budget": "8"}), name="tight", route_prefix="/tight")
     base = served["base"] + "/tight"

@@ -228,3 +228,18 @@ def test_measured_step_times_beat_a_wrong_linear_law(monkeypatch):
         settled = budgets[-1]
         assert budgets[-10:] == [settled] * 10, (batch, budgets)
         assert truth[settled] >= 0.95 * max(truth.values()), (batch, settled, truth)
+
+
+def test_a_tree_that_barely_pays_is_turned_off(monkeypatch):
+    """Every budget commits 2% more tokens per second than plain decoding: within min_gain
+    (5%), so the policy decodes plainly (a tree adds latency variance and KV use); at 20%
+    it speculates."""
+    import test_router as mod
+
+    for edge, speculates in ((1.02, False), (1.20, True)):
+        monkeypatch.setattr(mod, "true_times",
+                            lambda b, k, e=edge: (0.02 * b * mod.true_tau(k) / (e if k else 1.0), 0.0))
+        policy, rep = SpeculationPolicy(), SyntheticReplica()
+        budgets = drive(policy, rep, [2] * 30)
+        assert (budgets[-1] > 0) == speculates, (edge, budgets)
+        assert len(set(budgets[-10:])) == 1, budgets

@@ -90,6 +90,18 @@ def test_eagle_training_lowers_loss_and_loads(tiny):
     drafter.on_prefill("r", tiny["prompts"][0][1], torch.randn(len(tiny["prompts"][0][1]), 96), 5)
     tree = drafter.propose(["r"], [10])[0]
     assert 0 < len(tree) <= 10
+    # --init-from continues from the trained drafter: its first loss is already low, its
+    # draft vocabulary is kept, and the card counts the earlier steps.
+    more = str(tiny["root"] / "eagle-more")
+    res2 = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", more, "--max-steps", "5",
+                             "--batch-tokens", "256", "--lr", "5e-4", "--val-frac", "0.1", "--save-every", "0",
+                             "--init-from", out]))
+    assert res2["first_loss"] < 0.8 * res["first_loss"]
+    cfg2 = json.load(open(os.path.join(more, "config.json")))
+    assert cfg2["train"]["init_from"]["steps"] == 80 and cfg2["draft_vocab_size"] == 128
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(os.path.join(out, "model.safetensors"))["draft_vocab_ids"],
+                       load_file(os.path.join(more, "model.safetensors"))["draft_vocab_ids"])
 
 
 def test_medusa_training_lowers_loss_and_loads(tiny):
@@ -105,6 +117,13 @@ def test_medusa_training_lowers_loss_and_loads(tiny):
     drafter = _load("medusa", tiny, out)
     drafter.on_prefill("r", [1, 2], torch.randn(2, 96), 5)
     assert len(drafter.propose(["r"], [8])[0]) == 8
+    more = str(tiny["root"] / "medusa-more")
+    res2 = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", more, "--max-steps", "5",
+                             "--batch", "64", "--lr", "5e-4", "--val-frac", "0.2", "--save-every", "0",
+                             "--init-from", out]))
+    assert res2["first_loss"] < 0.8 * res["first_loss"]
+    cfg2 = json.load(open(os.path.join(more, "config.json")))
+    assert cfg2["num_heads"] == 3 and cfg2["train"]["init_from"]["steps"] == 40
 
 
 def test_eval_runs_on_a_few_prompts(tiny):

@@ -123,6 +123,34 @@ class Schedule:
         return self.total != old
 
 
+def init_state(path: str | None, kind: str) -> tuple[dict | None, dict | None, torch.Tensor | None]:
+    """(config, float32 state, draft vocabulary ids) of a drafter to continue training from.
+
+    ``--init-from DIR`` fine-tunes an existing drafter (the shipped one, or a checkpoint)
+    on new data or for more steps: the architecture and draft vocabulary come from DIR.
+    Returns (None, None, None) without a path.
+    """
+    if not path:
+        return None, None, None
+    from engine.drafters.common import read_drafter
+
+    config, state = read_drafter(path)
+    if config.get("kind") != kind:
+        raise ValueError(f"--init-from {path} holds a {config.get('kind')} drafter, not {kind}")
+    ids = state.pop("draft_vocab_ids", None)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return config, state, (None if ids is None else ids.long())
+
+
+def prior_training(config: dict | None, path: str | None) -> dict | None:
+    """What the --init-from drafter had been trained for (kept in the new card)."""
+    if not config:
+        return None
+    t = config.get("train") or {}
+    return {"path": path, "steps": t.get("steps", 0) + ((t.get("init_from") or {}).get("steps", 0)),
+            "seconds": t.get("seconds", 0) + ((t.get("init_from") or {}).get("seconds", 0))}
+
+
 def optimizer_step(opt, model, loss, max_grad_norm: float = 1.0) -> None:
     """Backward, clip the global gradient norm, update: one training step of either trainer."""
     opt.zero_grad(set_to_none=True)

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import Schedule, cli, optimizer_step, batches, draft_vocab, load_examples, pad_batch, split, vocab_coverage
+from train.common import (
+    Schedule, cli, optimizer_step, batches, draft_vocab, init_state,
+    prior_training, load_examples, pad_batch, split, vocab_coverage,
+)
 
 
 def unroll_mask(n: int, k: int, device=None) -> torch.Tensor:
@@ -123,6 +126,7 @@ def parse_args(argv=None):
     ap.add_argument("--ce-weight", type=float, default=0.1)
     ap.add_argument("--val-frac", type=float, default=0.05)
     ap.add_argument("--init-from-target", type=int, default=0, help="1: start from the target's last layer")
+    ap.add_argument("--init-from", default=None, help="drafter directory to continue training (e.g. the shipped one)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -162,13 +166,17 @@ def train(args) -> dict:
     target = ModelConfig.from_path(model_dir)
     examples = load_examples(args.data, args.limit)
     train_ex, val_ex = split(examples, args.val_frac, args.seed)
-    ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
+    init_cfg, init, ids = init_state(args.init_from, "eagle")
+    if init is None:
+        ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
     embed, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     embed = embed.to(dev)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
     cfg = EagleConfig.from_target(target, None if ids is None else len(ids))
     model = EagleModel(cfg, torch.float32)
-    copied = load_target_layer(model, model_dir) if args.init_from_target else 0
+    if init is not None:
+        model.load_state_dict(init)
+    copied = load_target_layer(model, model_dir) if (args.init_from_target and init is None) else 0
     model.to(dev).train()
     feat_std = float(torch.cat([e.feats[e.prompt_len:].float().flatten() for e in train_ex[:64]]).std())
     n_tokens = sum(len(e.tokens) for e in train_ex)
@@ -192,6 +200,7 @@ def train(args) -> dict:
         info = {"steps": step, "epochs": round(step / per_epoch, 2), "sequences": len(train_ex),
                 "tokens": n_tokens, "seconds": round(time.time() - t0, 1), "unroll": args.unroll,
                 "noise": args.noise, "ce_weight": args.ce_weight, "lr": args.lr, "seed": args.seed,
+                "init_from": prior_training(init_cfg, args.init_from),
                 "val": evaluate(model, embed, head_w, val_ex, args, dev) if (final and val_ex) else None}
         save_drafter(args.out, {**cfg.to_dict(), "train": info}, state)
         return info

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train.common import Schedule, cli, optimizer_step, draft_vocab, load_examples, split, target_map, vocab_coverage
+from train.common import (
+    Schedule, cli, optimizer_step, draft_vocab, init_state, prior_training,
+    load_examples, split, target_map, vocab_coverage,
+)
 
 RANKS = 10
 
@@ -82,6 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m")
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default="assets/medusa-smollm2-135m")
+    ap.add_argument("--init-from", default=None, help="drafter directory to continue training (e.g. the shipped one)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--epochs", type=float, default=10)
@@ -113,15 +117,21 @@ def train(args) -> dict:
     model_dir = resolve_model(args.model)
     target = ModelConfig.from_path(model_dir)
     train_ex, val_ex = split(load_examples(args.data, args.limit), args.val_frac, args.seed)
-    ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
+    init_cfg, init, ids = init_state(args.init_from, "medusa")
+    if init is None:
+        ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
     vmap = target_map(ids, target.vocab_size)
     _, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
-    x, y = flatten(train_ex, args.heads, vmap)
-    xv, yv = flatten(val_ex, args.heads, vmap) if val_ex else (x[:0], y[:0])
+    heads = init_cfg["num_heads"] if init_cfg else args.heads
+    x, y = flatten(train_ex, heads, vmap)
+    xv, yv = flatten(val_ex, heads, vmap) if val_ex else (x[:0], y[:0])
     x, y = x.to(dev), y.to(dev)
-    cfg = MedusaConfig(target.hidden_size, target.vocab_size, args.heads, None if ids is None else len(ids))
-    model = MedusaModel(cfg, torch.float32).to(dev).train()
+    cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, None if ids is None else len(ids))
+    model = MedusaModel(cfg, torch.float32)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(dev).train()
     per_epoch = max(1, len(x) // args.batch)
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
     sched = Schedule(total, args.lr, args.time_budget)
@@ -138,7 +148,8 @@ def train(args) -> dict:
         if ids is not None:
             state["draft_vocab_ids"] = ids.to(torch.int32)
         info = {"steps": step, "epochs": round(step / per_epoch, 2), "positions": len(x),
-                "seconds": round(time.time() - t0, 1), "lr": args.lr, "seed": args.seed}
+                "seconds": round(time.time() - t0, 1), "lr": args.lr, "seed": args.seed,
+                "init_from": prior_training(init_cfg, args.init_from)}
         save_drafter(args.out, {**cfg.to_dict(), "train": info}, state)
         return info
 
@@ -164,7 +175,7 @@ def train(args) -> dict:
     bar.close()
     info = save(final=True)
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump({"columns": ["step", "loss"] + [f"head{i}_acc" for i in range(args.heads)],
+        json.dump({"columns": ["step", "loss"] + [f"head{i}_acc" for i in range(heads)],
                    "rows": log[:: max(1, len(log) // 500)], "rank_acc": cfg.rank_acc}, f)
     print(json.dumps({**info, "rank_acc_top1": [r[0] for r in (cfg.rank_acc or [])]}), file=sys.stderr)
     return {"first_loss": log[0][1] if log else None, "last_loss": log[-1][1] if log else None, **info}
