@@ -90,18 +90,22 @@ def test_eagle_training_lowers_loss_and_loads(tiny):
     drafter.on_prefill("r", tiny["prompts"][0][1], torch.randn(len(tiny["prompts"][0][1]), 96), 5)
     tree = drafter.propose(["r"], [10])[0]
     assert 0 < len(tree) <= 10
-    # --init-from continues from the trained drafter: its first loss is already low, its
-    # draft vocabulary is kept, and the card counts the earlier steps.
-    more = str(tiny["root"] / "eagle-more")
-    res2 = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", more, "--max-steps", "5",
-                             "--batch-tokens", "256", "--lr", "5e-4", "--val-frac", "0.1", "--save-every", "0",
-                             "--init-from", out]))
-    assert res2["first_loss"] < 0.8 * res["first_loss"]
-    cfg2 = json.load(open(os.path.join(more, "config.json")))
+    cfg2 = _continue_training(train, parse_args, tiny, out, res, ["--batch-tokens", "256", "--val-frac", "0.1"])
     assert cfg2["train"]["init_from"]["steps"] == 80 and cfg2["draft_vocab_size"] == 128
+
+
+def _continue_training(train, parse_args, tiny, out: str, first: dict, extra: list[str]) -> dict:
+    """--init-from continues from the trained drafter at ``out``: its first loss is already
+    low and its draft vocabulary is kept. Returns the new drafter's config."""
     from safetensors.torch import load_file
-    assert torch.equal(load_file(os.path.join(out, "model.safetensors"))["draft_vocab_ids"],
-                       load_file(os.path.join(more, "model.safetensors"))["draft_vocab_ids"])
+
+    more = out + "-more"
+    res = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", more, "--max-steps", "5",
+                            "--lr", "5e-4", "--save-every", "0", "--init-from", out] + extra))
+    assert res["first_loss"] < 0.8 * first["first_loss"]
+    before, after = (load_file(os.path.join(d, "model.safetensors")) for d in (out, more))
+    assert torch.equal(before["draft_vocab_ids"], after["draft_vocab_ids"])
+    return json.load(open(os.path.join(more, "config.json")))
 
 
 def test_medusa_training_lowers_loss_and_loads(tiny):
@@ -117,12 +121,7 @@ def test_medusa_training_lowers_loss_and_loads(tiny):
     drafter = _load("medusa", tiny, out)
     drafter.on_prefill("r", [1, 2], torch.randn(2, 96), 5)
     assert len(drafter.propose(["r"], [8])[0]) == 8
-    more = str(tiny["root"] / "medusa-more")
-    res2 = train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", more, "--max-steps", "5",
-                             "--batch", "64", "--lr", "5e-4", "--val-frac", "0.2", "--save-every", "0",
-                             "--init-from", out]))
-    assert res2["first_loss"] < 0.8 * res["first_loss"]
-    cfg2 = json.load(open(os.path.join(more, "config.json")))
+    cfg2 = _continue_training(train, parse_args, tiny, out, res, ["--batch", "64", "--val-frac", "0.2"])
     assert cfg2["num_heads"] == 3 and cfg2["train"]["init_from"]["steps"] == 40
 
 
