@@ -115,7 +115,9 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
              f"- training data: {data_note}".rstrip(),
              f"- training: {tr.get('steps')} steps ({tr.get('epochs')} epochs) in {tr.get('seconds')} s on "
              "a shared 2-core CPU (bf16 autocast)"
-             + (f", unroll {tr['unroll']}, noise {tr['noise']}, ce weight {tr['ce_weight']}" if kind == "eagle" else ""),
+             + (f", unroll {tr['unroll']}, noise {tr['noise']}, ce weight {tr['ce_weight']}" if kind == "eagle" else "")
+             + (f"; continued (`--init-from`) from a {tr['init_from']['steps']}-step, {tr['init_from']['seconds']} s run"
+                if tr.get("init_from") else ""),
              "- reproduce: see docs/drafters.md", "",
              f"tau (tokens per verification step, bonus included) on the held-out prompts of bench/common.py, "
              f"tree budget {meta.get('tree_budget')}, {meta.get('max_tokens')} new tokens, target {meta.get('dtype')}:",
