@@ -5,10 +5,17 @@
 Both sides generate exactly --max-tokens tokens per prompt (EOS ignored), timed
 end to end (prefill included). ``fraction_of_limit`` compares the engine with
 the memory-bandwidth bound: bandwidth / weight bytes read per decode step.
+
+If llama-cpp-python is installed (an optional peer, never a dependency: see
+docs/benchmarks.md), llama.cpp runs the same prompts on the GGUF file the
+default weights come from (Q4_1: it reads ~3x fewer bytes per token than the
+engine's dequantized bf16 weights), and its own fraction of the same bound is
+reported next to the engine's.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -23,6 +30,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--llama-cpp", default="auto", choices=["auto", "off"],
+                    help="auto: add llama.cpp on the GGUF file when llama-cpp-python is installed")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -57,12 +66,15 @@ def main():
     if hf is not None:
         with torch.inference_mode():
             hf.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False)
-    # Interleave the two sides so background load hits both alike.
-    eng, ref = [], []
+    cpp = llama_cpp_peer(prompts, args.max_tokens) if args.llama_cpp == "auto" else None
+    # Interleave the sides so background load hits them alike.
+    eng, ref, cpp_runs = [], [], []
     for _ in range(2):
         eng.append(time_engine())
         if hf is not None:
             ref.append(time_hf())
+        if cpp is not None:
+            cpp_runs.append(cpp())
     engine_tok_s, hf_tok_s = max(eng), max(ref) if ref else float("nan")
 
     model = engine.executor.runner.model
@@ -81,8 +93,52 @@ def main():
         "weight_mb": round(weight_bytes / 1e6, 1),
         "limit_tok_s": round(limit, 2),
         "fraction_of_limit": round(engine_tok_s / limit, 3),
+        **llama_cpp_figures(cpp_runs, engine_tok_s, bw),
         "threads": torch.get_num_threads(),
     })
+
+
+def llama_cpp_peer(prompts: list[list[int]], max_tokens: int):
+    """A timer for llama.cpp greedy decoding of the same token ids, or None if it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed: skipping the llama.cpp peer", flush=True)
+        return None
+    from engine.weights import gguf_path
+
+    llm = Llama(model_path=gguf_path(), n_ctx=1024, n_threads=torch.get_num_threads(), n_batch=512,
+                seed=0, verbose=False)
+
+    def run(ps, n):
+        for p in ps:
+            for i, _ in enumerate(llm.generate(p, temp=0.0, top_k=1, reset=True)):
+                if i + 1 >= n:  # llama.cpp's generator never stops by itself: EOS is ignored, as on the other sides
+                    break
+
+    run(prompts[:1], 8)  # warm-up
+
+    def timed():
+        t = time.perf_counter()
+        run(tqdm(prompts, desc="llama.cpp gguf"), max_tokens)
+        return len(prompts) * max_tokens / (time.perf_counter() - t)
+
+    return timed
+
+
+def llama_cpp_figures(runs: list[float], engine_tok_s: float, bw_gbs: float) -> dict:
+    if not runs:
+        return {"llama_cpp_tok_s": None}
+    from engine.weights import gguf_path
+
+    tok_s = max(runs)
+    gguf_bytes = os.path.getsize(gguf_path())
+    return {
+        "llama_cpp_tok_s": round(tok_s, 2),
+        "engine_vs_llama_cpp": round(engine_tok_s / tok_s, 3),
+        "llama_cpp_weight_mb": round(gguf_bytes / 1e6, 1),
+        "llama_cpp_fraction_of_limit": round(tok_s / (bw_gbs * 1e9 / gguf_bytes), 3),
+    }
 
 
 if __name__ == "__main__":

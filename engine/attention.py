@@ -48,7 +48,8 @@ def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.
     plan = meta.plans.get(key)
     if plan is None:
         plan = meta.plans[key] = attention_plan(
-            meta.context_lens, meta.query_start_loc, meta.tree_mask, key[0], q.dtype, q.device
+            meta.context_lens, meta.query_start_loc, meta.tree_mask, key[0], q.dtype, q.device,
+            meta.block_tables, k_cache.shape[1],
         )
     return torch_paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, meta.tree_mask, scale,

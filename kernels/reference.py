@@ -59,11 +59,18 @@ def paged_attention(
     group = n_heads // n_kv
     scale = head_dim ** -0.5 if scale is None else scale
     if plan is None:
-        plan = attention_plan(context_lens, query_start_loc, tree_mask, group, q.dtype, q.device)
+        plan = attention_plan(context_lens, query_start_loc, tree_mask, group, q.dtype, q.device,
+                              block_tables, block_size)
     b, t_max, l_max = len(plan.lengths), plan.t_max, plan.l_max
-    tables = block_tables[:b, : (l_max + block_size - 1) // block_size].long()
-    k = k_cache[tables].flatten(1, 2)[:, :l_max].transpose(1, 2)  # [B, n_kv, L_max, D]
-    v = v_cache[tables].flatten(1, 2)[:, :l_max].transpose(1, 2)
+    n_blocks = (l_max + block_size - 1) // block_size
+    if plan.kv_start is not None:  # one sequence on consecutive blocks: a view, no gather
+        blocks = slice(plan.kv_start, plan.kv_start + n_blocks)
+        k = k_cache[blocks].flatten(0, 1)[:l_max].transpose(0, 1).unsqueeze(0)  # [1, n_kv, L, D]
+        v = v_cache[blocks].flatten(0, 1)[:l_max].transpose(0, 1).unsqueeze(0)
+    else:
+        tables = block_tables[:b, :n_blocks].long()
+        k = k_cache[tables].flatten(1, 2)[:, :l_max].transpose(1, 2)  # [B, n_kv, L_max, D]
+        v = v_cache[tables].flatten(1, 2)[:, :l_max].transpose(1, 2)
     if plan.rows is None:  # every sequence has exactly T_max new tokens: no padding
         qp = q.view(b, t_max, n_kv, group, head_dim)
     else:
@@ -84,6 +91,10 @@ class AttentionPlan:
     lengths: B key lengths (prefix + new tokens); l_max is their maximum.
     bias:    additive mask [B, 1, T_max * group, L_max] in q's dtype (0 or -inf),
              or None when every query sees all L_max keys (decode, equal lengths).
+    kv_start: first block of a single sequence (B = 1) whose blocks are consecutive
+             ids, so its keys are read as a view of the cache; None: gather.
+             The allocator hands out ascending ids, so one request at a time
+             (batch-1 latency) always takes this path.
     """
 
     rows: torch.Tensor | None
@@ -91,6 +102,7 @@ class AttentionPlan:
     lengths: list[int]
     l_max: int
     bias: torch.Tensor | None
+    kv_start: int | None = None
 
 
 def attention_plan(
@@ -100,8 +112,10 @@ def attention_plan(
     group: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    block_tables: torch.Tensor | None = None,
+    block_size: int | None = None,
 ) -> AttentionPlan:
-    """Padding rows and the additive mask of ``paged_attention`` (see its arguments)."""
+    """Padding rows, the additive mask and the key layout of ``paged_attention`` (see its arguments)."""
     if isinstance(context_lens, torch.Tensor):
         context_lens = context_lens.tolist()
     if isinstance(query_start_loc, torch.Tensor):
@@ -113,8 +127,13 @@ def attention_plan(
     rows = None
     if min(counts) < t_max:
         rows = torch.cat([torch.arange(t) + i * t_max for i, t in enumerate(counts)]).to(device)
+    kv_start = None
+    if block_tables is not None and len(lengths) == 1:
+        ids = block_tables[0, : (l_max + block_size - 1) // block_size].tolist()
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            kv_start = ids[0]
     if t_max == 1 and min(lengths) == l_max:
-        return AttentionPlan(rows, t_max, lengths, l_max, None)
+        return AttentionPlan(rows, t_max, lengths, l_max, None, kv_start)
     visible = torch.zeros(len(counts), t_max, l_max, dtype=torch.bool)
     for i, (prefix, t) in enumerate(zip(context_lens, counts)):
         visible[i, :, :prefix] = True
@@ -126,7 +145,7 @@ def attention_plan(
         visible[i, t:, 0] = True  # padding queries see one key, so no row is all -inf
     bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
     bias = bias.repeat_interleave(group, dim=1).unsqueeze(1).to(device)
-    return AttentionPlan(rows, t_max, lengths, l_max, bias)
+    return AttentionPlan(rows, t_max, lengths, l_max, bias, kv_start)
 
 
 def write_kv(

@@ -92,8 +92,10 @@ class Batch:
     v_seq: list[torch.Tensor]
 
 
-def make_batch(seed, prefixes, trees, n_kv, group, head_dim=16, block_size=4, dtype=torch.float32):
-    """trees: list of (kind, T). Blocks are shuffled so no table is contiguous or in order."""
+def make_batch(seed, prefixes, trees, n_kv, group, head_dim=16, block_size=4, dtype=torch.float32,
+               consecutive=False):
+    """trees: list of (kind, T). Blocks are shuffled so no table is contiguous or in order
+    (consecutive=True: ascending ids from block 2, as the allocator gives one request)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     parents = [random_tree(kind, t, rng) for kind, t in trees]
@@ -103,6 +105,8 @@ def make_batch(seed, prefixes, trees, n_kv, group, head_dim=16, block_size=4, dt
     max_blocks = max(blocks_per_seq) + 1  # one spare column, left as garbage ids of other sequences
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks filled with noise, never referenced
     perm = torch.randperm(num_blocks, generator=gen)
+    if consecutive:
+        perm = (torch.arange(num_blocks) + 2) % num_blocks
     tables = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
     used = 0
     for b, nb in enumerate(blocks_per_seq):
@@ -223,6 +227,21 @@ def test_causal_chunk_and_decode(backend):
                        n_kv=2, group=3, block_size=4)
     assert_close(run(backend, batch, tree=False), path_oracle(batch))
     assert_close(run(backend, batch, tree=False, scale=0.3), path_oracle(batch, scale=0.3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tree", [("random", 9), ("single", 1)])
+def test_one_sequence_on_consecutive_blocks(backend, tree):
+    # One request on ascending block ids: the torch path reads its keys as a view of
+    # the cache instead of gathering them; both must still match the oracle.
+    batch = make_batch(8, [13], [tree], n_kv=2, group=3, block_size=4, consecutive=True)
+    plan = reference.attention_plan(batch.context_lens, batch.query_start_loc, None, 3, batch.q.dtype,
+                                    DEVICE, batch.block_tables, 4)
+    assert plan.kv_start == 2
+    assert_close(run(backend, batch), path_oracle(batch))
+    shuffled = make_batch(8, [13], [tree], n_kv=2, group=3, block_size=4)
+    assert reference.attention_plan(shuffled.context_lens, shuffled.query_start_loc, None, 3, shuffled.q.dtype,
+                                    DEVICE, shuffled.block_tables, 4).kv_start is None
 
 
 def test_triton_packed_entry_with_max_query_len():

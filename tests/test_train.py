@@ -43,6 +43,10 @@ def test_shards_round_trip(tiny, tmp_path):
     write_shard(str(tmp_path / "x.parquet"), rows, 96)
     again = read_shard(str(tmp_path / "x.parquet"))
     assert [a["token_ids"] for a in again] == [a["token_ids"] for a in rows]
+    # Several data sets train together: "DIR1,DIR2" lists the shards of both.
+    assert shard_paths(f"{tiny['data']},{tmp_path}") == tiny["paths"]  # x.parquet is not a shard name
+    os.replace(str(tmp_path / "x.parquet"), str(tmp_path / "shard-00000.parquet"))
+    assert shard_paths(f"{tiny['data']},{tmp_path}") == tiny["paths"] + [str(tmp_path / "shard-00000.parquet")]
     assert all(torch.equal(a["features"], b["features"]) for a, b in zip(again, rows))
 
 

@@ -63,7 +63,9 @@ def read_shard(path: str) -> list[dict]:
 
 
 def shard_paths(data_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(data_dir, "shard-*.parquet")))
+    """The shards of one data set directory, or of several given as "DIR1,DIR2"."""
+    return [p for d in data_dir.split(",") if d
+            for p in sorted(glob.glob(os.path.join(d, "shard-*.parquet")))]
 
 
 def load_dataset(data_dir: str, limit: int | None = None) -> list[dict]:

@@ -112,7 +112,7 @@ def eagle_loss(model, embed, head_w, toks, feats, valid, prompt_len, *, unroll=1
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m train.eagle", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m", help="Parquet shards from train.data")
+    ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m", help="Parquet shards from train.data (DIR, or DIR1,DIR2 to train on several)")
     ap.add_argument("--model", default="default", help="target checkpoint directory, or 'default'")
     ap.add_argument("--out", default="assets/eagle-smollm2-135m", help="drafter directory to write")
     ap.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (0: full)")

@@ -82,7 +82,8 @@ def rank_accuracy(model, head_w, x, y, ranks: int = RANKS, chunk: int = 4096) ->
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m train.medusa", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m")
+    ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m",
+                    help="Parquet shards from train.data (DIR, or DIR1,DIR2 to train on several)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default="assets/medusa-smollm2-135m")
     ap.add_argument("--init-from", default=None, help="drafter directory to continue training (e.g. the shipped one)")

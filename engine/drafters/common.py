@@ -33,8 +33,9 @@ class DraftHead(nn.Module):
 
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, H] -> (log-probs [n, k], target token ids [n, k]), best first."""
-        logp = torch.log_softmax(self.logits(h).float(), dim=-1)
-        vals, idx = logp.topk(k, dim=-1)
+        logits = self.logits(h).float()
+        vals, idx = logits.topk(k, dim=-1)  # log-softmax only where it is kept: k of Vd values
+        vals = vals - torch.logsumexp(logits, dim=-1, keepdim=True)
         return vals, (idx if self.ids is None else self.ids[idx])
 
 

@@ -180,8 +180,11 @@ class EagleDrafter(Drafter):
         frontier = list(range(k))
         front_feat = st.last.expand(k, -1)  # the feature each frontier node's pair carries
         fk, fv = st.k, st.v  # cache grows with forwarded draft nodes, then is dropped
-        fwd_anc: list[torch.Tensor] = []  # per forwarded node: bool mask over forwarded nodes
+        # anc[r]: forwarded node r's ancestors among the forwarded nodes, itself included;
+        # a new frontier row is its parent's row plus itself. At most k nodes per depth.
+        anc = torch.zeros(self.depth * k, self.depth * k, dtype=torch.bool)
         fwd_index: dict[int, int] = {}  # node -> forwarded row
+        m = 0  # nodes forwarded so far
         for d in range(1, self.depth):
             # Exact early stop: a child never outscores its parent, so once the budget-th
             # best score so far is at least the best frontier score, no deeper node can
@@ -189,25 +192,19 @@ class EagleDrafter(Drafter):
             # drafter forward plus a head read, the main drafting cost on CPU.
             if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= max(scores[i] for i in frontier):
                 break
-            m = len(fwd_anc)
-            mask = torch.zeros(len(frontier), st.length + m + len(frontier), dtype=torch.bool)
-            mask[:, : st.length] = True
-            rows = []
-            for j, node in enumerate(frontier):
-                row = torch.zeros(m + len(frontier), dtype=torch.bool)
-                par = parents[node]
-                if par >= 0:
-                    row[:m] = fwd_anc[fwd_index[par]][:m]
-                    row[fwd_index[par]] = True
-                row[m + j] = True
-                rows.append(row)
-                mask[j, st.length:] = row
+            n_f = len(frontier)
+            par_rows = [fwd_index.get(parents[node], -1) for node in frontier]
+            if d > 1:  # depth-1 nodes hang off the root, which the cache already holds
+                anc[m: m + n_f] = anc[par_rows]
+            rows = torch.arange(m, m + n_f)
+            anc[rows, rows] = True
+            mask = torch.cat([torch.ones(n_f, st.length, dtype=torch.bool), anc[m: m + n_f, : m + n_f]], dim=1)
             emb = self._embed([tokens[i] for i in frontier]).unsqueeze(0)
-            pos = torch.full((1, len(frontier)), st.length + d - 1)
+            pos = torch.full((1, n_f), st.length + d - 1)
             out, fk, fv = self.model(emb, front_feat.unsqueeze(0), pos, mask.unsqueeze(0), fk, fv)
-            fwd_anc = [F.pad(a, (0, len(frontier))) for a in fwd_anc] + rows
             for j, node in enumerate(frontier):
                 fwd_index[node] = m + j
+            m += n_f
             child_logp, child_tok = self.head.topk(out[0], k)  # [F, k]
             cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
             best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()

@@ -1,0 +1,41 @@
+"""bench/speculative.py and bench/decode.py: tiny bounded runs print the documented final JSON line."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*argv) -> dict:
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_speculative_bench_shape():
+    res = run_bench("bench/speculative.py", "--draft", "random", "--prompts", "2", "--max-tokens", "6",
+                    "--tree-budget", "2,4")
+    assert res["bench"] == "speculative" and res["prompts"] == 2
+    assert set(res["by_budget"]) == {"2", "4"}
+    for budget, modes in res["by_budget"].items():
+        for kind in ("eagle", "medusa"):
+            m = modes[kind]
+            # tau counts the bonus token: every verification commits at least one token,
+            # and a tree of b nodes commits at most b + 1.
+            assert 1.0 <= m["tau"] <= int(budget) + 1
+            assert abs(m["speedup"] - m["tok_s"] / res["vanilla_tok_s"]) < 0.01
+            assert m["draft_ms"] > 0 and m["verify_ms"] > 0
+    # The headline figure is the drafter's best budget.
+    best = res["eagle_best_budget"]
+    assert res["eagle_speedup"] == max(res["by_budget"][b]["eagle"]["speedup"] for b in ("2", "4"))
+    assert res["eagle_speedup"] == res["by_budget"][str(best)]["eagle"]["speedup"]
+
+
+def test_decode_bench_shape():
+    res = run_bench("bench/decode.py", "--prompts", "1", "--max-tokens", "4", "--no-hf", "--llama-cpp", "off")
+    assert res["bench"] == "decode" and res["engine_tok_s"] > 0 and res["llama_cpp_tok_s"] is None
+    # fraction_of_limit is tokens/s over bandwidth / weight bytes (SmolLM2-135M: ~270 MB in bf16).
+    assert abs(res["fraction_of_limit"] - res["engine_tok_s"] / res["limit_tok_s"]) < 0.01
+    assert 100 < res["weight_mb"] < 600
