@@ -108,9 +108,7 @@ def main():
     off = stats[("off", 0)].summary(vanilla)
     print(f"off: {off}")
 
-    def best(kind):
-        return max(budgets, key=lambda b: by_budget[str(b)][kind]["speedup"])
-
+    best = {kind: str(max(budgets, key=lambda b: by_budget[str(b)][kind]["speedup"])) for kind in ("eagle", "medusa")}
     emit({
         "bench": "speculative",
         "dtype": dtype,
@@ -119,12 +117,12 @@ def main():
         "drafters": args.draft or "shipped",
         "vanilla_tok_s": round(vanilla, 2),
         "off_ms_per_step": off["verify_ms"],
-        "eagle_best_budget": best("eagle"),
-        "eagle_speedup": by_budget[str(best("eagle"))]["eagle"]["speedup"],
-        "eagle_tau": by_budget[str(best("eagle"))]["eagle"]["tau"],
-        "medusa_best_budget": best("medusa"),
-        "medusa_speedup": by_budget[str(best("medusa"))]["medusa"]["speedup"],
-        "medusa_tau": by_budget[str(best("medusa"))]["medusa"]["tau"],
+        "eagle_best_budget": int(best["eagle"]),
+        "eagle_speedup": by_budget[best["eagle"]]["eagle"]["speedup"],
+        "eagle_tau": by_budget[best["eagle"]]["eagle"]["tau"],
+        "medusa_best_budget": int(best["medusa"]),
+        "medusa_speedup": by_budget[best["medusa"]]["medusa"]["speedup"],
+        "medusa_tau": by_budget[best["medusa"]]["medusa"]["tau"],
         "by_budget": by_budget,
     })
 

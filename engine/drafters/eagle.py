@@ -193,9 +193,8 @@ class EagleDrafter(Drafter):
             if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= max(scores[i] for i in frontier):
                 break
             n_f = len(frontier)
-            par_rows = [fwd_index.get(parents[node], -1) for node in frontier]
             if d > 1:  # depth-1 nodes hang off the root, which the cache already holds
-                anc[m: m + n_f] = anc[par_rows]
+                anc[m: m + n_f] = anc[[fwd_index[parents[node]] for node in frontier]]
             rows = torch.arange(m, m + n_f)
             anc[rows, rows] = True
             mask = torch.cat([torch.ones(n_f, st.length, dtype=torch.bool), anc[m: m + n_f, : m + n_f]], dim=1)
