@@ -45,7 +45,7 @@ def test_scripted_trees_equal_greedy(make_engine, references, chat_prompts, batc
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_real_drafters_equal_greedy(make_engine, executor, default_dir, references, chat_prompts, kind, batch):
-    """EAGLE (dynamic tree) and Medusa (static tree) drafters, untrained: lossless anyway."""
+    """EAGLE (dynamic tree) and Medusa (per-step tree) drafters, untrained: lossless anyway."""
     # Small trees keep the untrained drafters cheap; the scripted test covers large trees.
     cfg = EngineConfig(speculation=kind, draft_path="random", tree_budget=4, draft_depth=2, draft_top_k=2)
     drafter = load_drafter(cfg, default_dir, executor)

@@ -4,7 +4,7 @@ Oracle: the exact distribution of the first 3 generated tokens of a tiny random
 Llama (vocabulary 6), computed by enumerating every prefix with transformers and
 filtering top-k / top-p with numpy written here, independently of the engine.
 The engine then samples 20,000 continuations with speculation (EAGLE dynamic
-tree, Medusa static tree) and a chi-square test compares the counts.
+tree, Medusa per-step tree) and a chi-square test compares the counts.
 """
 from __future__ import annotations
 

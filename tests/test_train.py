@@ -129,6 +129,59 @@ def test_medusa_training_lowers_loss_and_loads(tiny):
     assert cfg2["num_heads"] == 3 and cfg2["train"]["init_from"]["steps"] == 40
 
 
+def test_medusa_heads_grow_deeper_without_changing_predictions(tiny, tmp_path):
+    """--layers 2 from a trained 1-block drafter appends identity blocks: before any
+    update the heads predict exactly what the 1-block heads did."""
+    from train.medusa import parse_args, train
+
+    out = str(tiny["root"] / "medusa")
+    deeper = str(tmp_path / "medusa2")
+    train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", deeper, "--max-steps", "1",
+                      "--lr", "0", "--save-every", "0", "--val-frac", "0.2", "--init-from", out, "--layers", "2"]))
+    assert json.load(open(os.path.join(deeper, "config.json")))["num_layers"] == 2
+    one, two = _load("medusa", tiny, out), _load("medusa", tiny, deeper)
+    assert len(two.model.heads[0]) == 2 and len(one.model.heads[0]) == 1
+    h = torch.randn(5, 96)
+    torch.testing.assert_close(two.model(h), one.model(h), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fewer"):
+        train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", str(tmp_path / "x"),
+                          "--max-steps", "1", "--init-from", deeper, "--layers", "1"]))
+
+
+def test_medusa_per_step_tree_follows_head_confidence(tiny):
+    """The per-step tree holds the budget's best nodes by product of head probabilities,
+    closed under prefixes; a fixed ``choices`` tree stays as given."""
+    from engine.drafters.medusa import MedusaDrafter
+    from engine.drafters.trees import chain
+
+    drafter = _load("medusa", tiny, str(tiny["root"] / "medusa"))
+    h = torch.randn(96)
+    drafter.on_prefill("r", [1, 2], h.unsqueeze(0), 5)
+    budget = 7
+    tree = drafter.propose(["r"], [budget])[0]
+    assert len(tree) == budget and all(p < i for i, p in enumerate(tree.parents))
+    # Independent oracle: enumerate every path of the heads' top candidates, score it by
+    # the product of probabilities, and compare the best `budget` path scores.
+    with torch.no_grad():
+        probs = torch.softmax(drafter.head.logits(drafter.model(h.unsqueeze(0))[:, 0]).float(), -1)  # [K, Vd]
+    top_p = probs.topk(budget, -1).values
+    paths = {(): 1.0}
+    for d in range(probs.shape[0]):
+        paths.update({p + (r,): s * float(top_p[d, r]) for p, s in list(paths.items()) if len(p) == d
+                      for r in range(budget)})
+    best = sorted((s for p, s in paths.items() if p), reverse=True)[:budget]
+    row = {int(t): r for r, t in enumerate(drafter.head.ids)}  # target id -> draft-vocabulary row
+    depth, score = [], []
+    for tok, parent in zip(tree.tokens, tree.parents):
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+        score.append((1.0 if parent < 0 else score[parent]) * float(probs[depth[-1], row[tok]]))
+    got = sorted(score, reverse=True)
+    assert got == pytest.approx(best, rel=1e-4)
+    fixed = MedusaDrafter(drafter.model, drafter.head, choices=chain(3))
+    fixed.on_prefill("r", [1, 2], h.unsqueeze(0), 5)
+    assert fixed.propose(["r"], [budget])[0].parents == [-1, 0, 1]
+
+
 def test_eval_runs_on_a_few_prompts(tiny):
     from train.eval import evaluate, plot, write_markdown
 

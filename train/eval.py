@@ -107,7 +107,8 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
     res = results[kind]
     cats = [c for c in next(iter(res.values())) if c != "all"]
     title = {"eagle": "EAGLE drafter (EAGLE-1 layer, EAGLE-2 dynamic tree)",
-             "medusa": f"Medusa heads ({cfg.get('num_heads')} heads, static tree from rank_acc)"}[kind]
+             "medusa": f"Medusa heads ({cfg.get('num_heads')} heads of {cfg.get('num_layers', 1)} residual blocks, "
+                       "per-step tree)"}[kind]
     lines = [f"# {title} for SmolLM2-135M-Instruct", "",
              f"- weights: model.safetensors, bf16, {size:.1f} MB (embedding and lm_head are shared from the target)",
              f"- draft vocabulary: {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response ids "

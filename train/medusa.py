@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="assets/medusa-smollm2-135m")
     ap.add_argument("--init-from", default=None, help="drafter directory to continue training (e.g. the shipped one)")
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="residual blocks per head (default 1, or the --init-from drafter's; more than it "
+                         "has appends identity blocks)")
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--max-steps", type=int, default=0)
@@ -128,10 +132,18 @@ def train(args) -> dict:
     x, y = flatten(train_ex, heads, vmap)
     xv, yv = flatten(val_ex, heads, vmap) if val_ex else (x[:0], y[:0])
     x, y = x.to(dev), y.to(dev)
-    cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, None if ids is None else len(ids))
+    init_layers = init_cfg.get("num_layers", 1) if init_cfg else 1
+    layers = args.layers or init_layers
+    if init_cfg and layers < init_layers:
+        raise ValueError(f"--layers {layers} is fewer than the {init_layers} blocks of --init-from {args.init_from}")
+    cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, layers, None if ids is None else len(ids))
     model = MedusaModel(cfg, torch.float32)
     if init is not None:
-        model.load_state_dict(init)
+        # Blocks beyond the init drafter's keep their identity initialisation.
+        missing, unexpected = model.load_state_dict(MedusaModel.upgrade_state(init), strict=False)
+        if unexpected or any(not re.match(rf"heads\.\d+\.({'|'.join(map(str, range(init_layers, layers)))})\.", k)
+                             for k in missing):
+            raise ValueError(f"--init-from {args.init_from} does not match a {heads}-head Medusa drafter")
     model = model.to(dev).train()
     per_epoch = max(1, len(x) // args.batch)
     total = args.max_steps or max(1, int(args.epochs * per_epoch))

@@ -76,6 +76,8 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
             model = EagleModel(EagleConfig.from_dict(config), dtype)
         else:
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
+        if cfg.speculation == "medusa":
+            state = MedusaModel.upgrade_state(state)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     head = DraftHead(lm_head.detach().to(dtype), state_ids)
     if cfg.device == "cpu":

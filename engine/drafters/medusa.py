@@ -1,14 +1,16 @@
-"""Medusa drafter: K heads on the target's last hidden state, a static tree.
+"""Medusa drafter: K heads on the target's last hidden state, no drafting loop.
 
-Head i is a residual SiLU block followed by the shared lm_head; from the feature
-of the last committed token (whose lm_head output gave the pending token) it
-predicts the token i+1 places after the pending one. Candidates of every depth
-depend only on that one feature, so the tree is static: a list of paths of
-top-k ranks (engine/drafters/trees.py), by default chosen to maximise the
-expected accepted length under the heads' measured top-k accuracies.
+Head i is a stack of residual SiLU blocks (one in Medusa-1; ``num_layers``)
+followed by the shared lm_head; from the feature of the last committed token
+(whose lm_head output gave the pending token) it predicts the token i+1 places
+after the pending one. Candidates of every depth depend only on that one
+feature, so one forward of the heads drafts the whole tree: a list of paths of
+top-k ranks (engine/drafters/trees.py), chosen best-first by this step's head
+probabilities, or fixed (Medusa's "choices").
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ class MedusaConfig:
     hidden_size: int
     vocab_size: int
     num_heads: int = 4
+    num_layers: int = 1  # residual blocks per head
     draft_vocab_size: int | None = None
     rank_acc: list | None = None  # measured [head][rank] top-k accuracy; shapes the default tree
 
@@ -37,11 +40,17 @@ class MedusaConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+MAX_WIDTH = 10  # candidates per head a per-step tree may use (as many as rank_acc measures)
+
+
 class ResBlock(nn.Module):
     def __init__(self, h: int, dtype):
         super().__init__()
         self.linear = nn.Linear(h, h, dtype=dtype)
-        nn.init.zeros_(self.linear.weight)  # starts as identity: head i begins as the lm_head itself
+        # Starts as the identity (silu(0) = 0): a fresh head begins as the lm_head itself,
+        # and a block added to a trained head leaves its predictions unchanged at first.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x):
         return x + F.silu(linear(self.linear, x))
@@ -51,7 +60,13 @@ class MedusaModel(nn.Module):
     def __init__(self, cfg: MedusaConfig, dtype=torch.float32):
         super().__init__()
         self.cfg = cfg
-        self.heads = nn.ModuleList(ResBlock(cfg.hidden_size, dtype) for _ in range(cfg.num_heads))
+        self.heads = nn.ModuleList(nn.Sequential(*(ResBlock(cfg.hidden_size, dtype) for _ in range(cfg.num_layers)))
+                                   for _ in range(cfg.num_heads))
+
+    @staticmethod
+    def upgrade_state(state: dict) -> dict:
+        """Map the one-block layout of earlier files (``heads.i.linear.*``) to ``heads.i.0.linear.*``."""
+        return {re.sub(r"^heads\.(\d+)\.linear\.", r"heads.\1.0.linear.", k): v for k, v in state.items()}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> per-head features [K, ..., H] (apply the lm_head after)."""
@@ -59,13 +74,23 @@ class MedusaModel(nn.Module):
 
 
 class MedusaDrafter(Drafter):
+    """Medusa heads with a per-step tree (default) or a fixed one (``choices``).
+
+    Per-step tree: the same best-first expansion as the static tree (trees.best_tree),
+    but ranked by this step's head probabilities instead of the heads' average rank
+    accuracies, so a confident step drafts deeper and an unsure one wider (EAGLE-2's
+    reranking applied to Medusa's candidates). Held-out tau rose by 0.01-0.02 at tree
+    budgets 4, 8 and 60 over the static tree of the measured rank accuracies.
+    """
+
     kind = "medusa"
 
     def __init__(self, model: MedusaModel, head: DraftHead, choices: list[list[int]] | None = None,
-                 max_nodes: int = 64):
+                 max_nodes: int = 64, dynamic: bool | None = None):
         self.model = model.eval()
         self.head = head
         cfg = model.cfg
+        self.dynamic = choices is None if dynamic is None else dynamic
         if choices is None:
             choices = (best_tree(cfg.rank_acc, max_nodes) if cfg.rank_acc
                        else default_medusa_tree(cfg.num_heads, max_nodes))
@@ -92,7 +117,12 @@ class MedusaDrafter(Drafter):
                 trees.append(DraftTree([], []))
                 continue
             feats = self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]  # [K, H]
-            _, cand = self.head.topk(feats, self.top_k)  # [K, top_k]
-            tokens, parents = tree_from_choices(self.choices[:budget], cand.tolist())
+            if self.dynamic:
+                logp, cand = self.head.topk(feats, min(budget, MAX_WIDTH))  # [K, k]
+                choices = best_tree(logp.exp().tolist(), budget)
+            else:
+                _, cand = self.head.topk(feats, self.top_k)  # [K, top_k]
+                choices = self.choices[:budget]
+            tokens, parents = tree_from_choices(choices, cand.tolist())
             trees.append(DraftTree(tokens, parents))
         return trees
