@@ -118,7 +118,8 @@ class MedusaDrafter(Drafter):
                 continue
             feats = self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]  # [K, H]
             if self.dynamic:
-                logp, cand = self.head.topk(feats, min(budget, MAX_WIDTH))  # [K, k]
+                k = min(budget, MAX_WIDTH, self.head.weight.shape[0])  # a tiny vocabulary caps the width
+                logp, cand = self.head.topk(feats, k)  # [K, k]
                 choices = best_tree(logp.exp().tolist(), budget)
             else:
                 _, cand = self.head.topk(feats, self.top_k)  # [K, top_k]
