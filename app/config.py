@@ -11,7 +11,7 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
-from engine.config import EngineConfig, auto_dtype, auto_tree_budget
+from engine.config import EngineConfig, auto_draft_vocab_size, auto_dtype, auto_tree_budget
 
 DRAFTER_CHOICES = ("auto", "off", "eagle", "medusa")
 REQUEST_SPECULATION = ("auto", "off", "eagle", "medusa")
@@ -29,6 +29,7 @@ class AppConfig:
     draft_path: str | None = None
     tree_budget: int | None = None  # largest draft tree per sequence (None: 60 on GPU, 8 on CPU);
     # the router picks 0..tree_budget
+    draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 8192 on CPU, all on GPU; 0: all)
     max_num_seqs: int = 16
     max_model_len: int = 2048
     num_blocks: int | None = None
@@ -74,6 +75,8 @@ class AppConfig:
             self.dtype = auto_dtype(self.device)
         if self.tree_budget is None:
             self.tree_budget = auto_tree_budget(self.device)
+        if self.draft_vocab_size is None:
+            self.draft_vocab_size = auto_draft_vocab_size(self.device) or 0
 
     def validate(self) -> None:
         if self.executor not in ("auto", "local", "ray"):
@@ -117,7 +120,7 @@ class AppConfig:
             model=self.model, tp=self.tp, dtype=self.dtype, device=self.device,
             num_blocks=self.num_blocks, kv_cache_gib=self.kv_cache_gib, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len, speculation=speculation, draft_path=self.draft_path,
-            tree_budget=self.tree_budget if speculation != "off" else 0,
+            tree_budget=self.tree_budget if speculation != "off" else 0, draft_vocab_size=self.draft_vocab_size,
         )
 
     def to_dict(self) -> dict:

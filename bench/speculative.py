@@ -9,17 +9,57 @@ Prints per-category tau, the time per step spent drafting and verifying, and
 the final JSON line with tokens/s, tau and speedup over speculation-off per
 budget (``by_budget``) and at each drafter's best budget (``eagle_speedup``,
 ``medusa_speedup``). Uses the shipped drafters (assets/); --draft random
-measures the machinery alone.
+measures the machinery alone. ``--plot PNG`` draws speedup and tau by budget and
+where each step's time goes; ``--from-json FILE --plot PNG`` redraws a saved run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 
 from tqdm import tqdm
 
 from common import emit, flat_prompts
+
+
+def plot(result: dict, path: str) -> None:
+    """Speedup and tau vs tree budget per drafter; draft + verify ms per step vs a plain step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(result["by_budget"], key=int)
+    kinds = ("eagle", "medusa")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for kind in kinds:
+        rows = [result["by_budget"][b][kind] for b in budgets]
+        x = [int(b) for b in budgets]
+        axes[0].plot(x, [r["speedup"] for r in rows], marker="o", label=kind)
+        axes[1].plot(x, [r["tau"] for r in rows], marker="o", label=kind)
+    axes[0].axhline(1.0, color="gray", lw=0.5)
+    for ax in axes[:2]:
+        ax.set_xticks([int(b) for b in budgets])
+    axes[0].set(xlabel="tree budget (draft nodes)", ylabel="speedup over speculation off",
+                title=f"Batch 1, T=0, {result['dtype']}, {result['prompts']} prompts x {result['max_tokens']} tokens")
+    axes[1].set(xlabel="tree budget (draft nodes)", ylabel="tau (tokens / verify step)", title="Acceptance")
+    width = 0.38
+    for i, kind in enumerate(kinds):
+        xs = [j + (i - 0.5) * width for j in range(len(budgets))]
+        draft = [result["by_budget"][b][kind]["draft_ms"] for b in budgets]
+        verify = [result["by_budget"][b][kind]["verify_ms"] for b in budgets]
+        axes[2].bar(xs, verify, width, label=f"{kind} verify")
+        axes[2].bar(xs, draft, width, bottom=verify, label=f"{kind} draft")
+    axes[2].axhline(result["off_ms_per_step"], color="black", ls="--", lw=1, label="plain step")
+    axes[2].set_xticks(range(len(budgets)), budgets)
+    axes[2].set(xlabel="tree budget", ylabel="ms per step", title="Where a step's time goes")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 class ModeStats:
@@ -65,9 +105,19 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tree-budget", default="4,8,16", help="comma list of tree budgets (draft nodes per step)")
     ap.add_argument("--draft", default=None, help="'random' for untrained drafters (default: shipped)")
+    ap.add_argument("--plot", default=None, help="write a PNG of the results here")
+    ap.add_argument("--from-json", default=None, help="with --plot: redraw a saved final JSON line, run nothing")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="draft-head rows, most frequent first (default: the server's CPU default; 0: all)")
     args = ap.parse_args()
+    if args.from_json:
+        if not args.plot:
+            ap.error("--from-json needs --plot")
+        with open(args.from_json) as f:
+            plot(json.loads(f.read().strip().splitlines()[-1]), args.plot)
+        return
 
-    from engine.config import EngineConfig, auto_dtype
+    from engine.config import EngineConfig, auto_draft_vocab_size, auto_dtype
     from engine.drafters.loading import load_drafter
     from engine.engine import LLMEngine
     from engine.executor import InProcessExecutor
@@ -77,6 +127,7 @@ def main():
 
     dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     budgets = [int(b) for b in args.tree_budget.split(",")]
+    draft_vocab = auto_draft_vocab_size("cpu") if args.draft_vocab is None else args.draft_vocab
     model_dir = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model_dir)
     executor = InProcessExecutor(model_dir, dtype)  # one copy of the target, shared by all modes
@@ -89,7 +140,7 @@ def main():
     engines = {}
     for kind, budget in [("off", 0)] + [(k, b) for b in budgets for k in ("eagle", "medusa")]:
         cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,
-                           max_num_seqs=1, num_blocks=128)
+                           max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab)
         drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None
         engines[(kind, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
         eng.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up: this mode's shapes
@@ -109,12 +160,13 @@ def main():
     print(f"off: {off}")
 
     best = {kind: str(max(budgets, key=lambda b: by_budget[str(b)][kind]["speedup"])) for kind in ("eagle", "medusa")}
-    emit({
+    result = {
         "bench": "speculative",
         "dtype": dtype,
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "drafters": args.draft or "shipped",
+        "draft_vocab_size": draft_vocab or "all",
         "vanilla_tok_s": round(vanilla, 2),
         "off_ms_per_step": off["verify_ms"],
         "eagle_best_budget": int(best["eagle"]),
@@ -124,7 +176,10 @@ def main():
         "medusa_speedup": by_budget[best["medusa"]]["medusa"]["speedup"],
         "medusa_tau": by_budget[best["medusa"]]["medusa"]["tau"],
         "by_budget": by_budget,
-    })
+    }
+    if args.plot:
+        plot(result, args.plot)
+    emit(result)
 
 
 if __name__ == "__main__":

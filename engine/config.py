@@ -88,6 +88,11 @@ class EngineConfig:
         and the router may switch speculation off per step, never on without a drafter.
     draft_path: drafter directory; None means the shipped drafter of the default model.
     tree_budget: draft tree nodes per sequence per step (0 disables speculation).
+    draft_depth, draft_top_k: EAGLE-2 tree search (depth levels, children per node; the
+        paper uses top-k 10).
+    draft_vocab_size: at most this many draft-head rows, the drafter's most frequent
+        tokens first (its ``draft_vocab_order`` must be "frequency"); None or 0: all of them.
+        A smaller head reads fewer bytes per draft depth, which pays for small CPU trees.
     num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
     """
 
@@ -104,8 +109,9 @@ class EngineConfig:
     speculation: str = "off"
     draft_path: str | None = None
     tree_budget: int = 60
-    draft_depth: int = 6
-    draft_top_k: int = 8
+    draft_depth: int = 8
+    draft_top_k: int = 10
+    draft_vocab_size: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -121,6 +127,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0 (0: all), got {self.draft_vocab_size}")
+        if self.draft_depth < 1 or self.draft_top_k < 1:
+            raise ValueError(f"draft_depth and draft_top_k must be >= 1, got {self.draft_depth}, {self.draft_top_k}")
         if self.tree_budget < 0:
             raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
@@ -147,6 +157,13 @@ def auto_dtype(device: str = "cpu") -> str:
         return "bfloat16"
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bfloat16" if bf16 else "float32"
+
+
+def auto_draft_vocab_size(device: str = "cpu") -> int | None:
+    """Draft-head rows: all the drafter has on a GPU; the 8192 most frequent on a CPU, where a
+    draft depth of a small tree costs about one head read (8192 x 576 bf16 = 9.4 MB for the
+    default model) and the next 8192 rows add ~0.01 to tau at a 4-node tree (docs/benchmarks.md)."""
+    return None if device.startswith("cuda") else 8192
 
 
 def auto_tree_budget(device: str = "cpu") -> int:

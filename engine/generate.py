@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--speculation", default="off", choices=["off", "eagle", "medusa"])
     ap.add_argument("--draft", default=None, help="drafter directory (default: the shipped one)")
     ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="draft-head rows, the drafter's most frequent tokens first (default: all)")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     return ap.parse_args(argv)
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
         cfg = EngineConfig(model=args.model, dtype=args.dtype, speculation=args.speculation,
-                           draft_path=args.draft, max_num_seqs=1)
+                           draft_path=args.draft, max_num_seqs=1, draft_vocab_size=args.draft_vocab)
         if args.tree_budget is not None:
             cfg.tree_budget = args.tree_budget
             cfg.validate()

@@ -37,8 +37,10 @@ def test_device_dependent_defaults():
     cpu = AppConfig.from_args({})
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == 8
+    assert cpu.engine_config("eagle").draft_vocab_size == 8192  # small CPU trees: a cheaper draft head
     gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
     assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)
+    assert not gpu.engine_config("eagle").draft_vocab_size  # all of the drafter's vocabulary
     explicit = AppConfig.from_args({"dtype": "float32", "tree_budget": "32"})
     assert (explicit.dtype, explicit.tree_budget, explicit.engine_config("eagle").tree_budget) == ("float32", 32, 32)
 

@@ -14,9 +14,11 @@ def run_bench(*argv) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_speculative_bench_shape():
+def test_speculative_bench_shape(tmp_path):
+    png = tmp_path / "spec.png"
     res = run_bench("bench/speculative.py", "--draft", "random", "--prompts", "2", "--max-tokens", "6",
-                    "--tree-budget", "2,4")
+                    "--tree-budget", "2,4", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["bench"] == "speculative" and res["prompts"] == 2
     assert set(res["by_budget"]) == {"2", "4"}
     for budget, modes in res["by_budget"].items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -98,6 +99,49 @@ def test_eagle_training_lowers_loss_and_loads(tiny):
     assert cfg2["train"]["init_from"]["steps"] == 80 and cfg2["draft_vocab_size"] == 128
 
 
+def test_draft_vocabulary_is_ranked_and_can_be_capped(tiny, tmp_path, caplog):
+    """Training stores the draft vocabulary most frequent first (counted here independently
+    over the training split); the engine's draft_vocab_size keeps its top N; --draft-vocab with
+    --init-from re-selects the vocabulary of a trained drafter."""
+    from collections import Counter
+
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from safetensors.torch import load_file
+    from train.common import load_examples, split
+    from train.eagle import parse_args, train
+
+    # The vocabulary comes from the training split (the eagle test above holds out 10%).
+    train_ex, _ = split(load_examples(tiny["data"]), 0.1, 0)
+    counts = Counter(t for e in train_ex for t in e.tokens[e.prompt_len:].tolist())
+    out = str(tiny["root"] / "eagle")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["draft_vocab_order"] == "frequency"
+    ids = load_file(os.path.join(out, "model.safetensors"))["draft_vocab_ids"].tolist()
+    # Frequencies never rise along the list (EOS, forced first, aside).
+    freq = [counts[i] for i in ids if i != ids[0]]
+    assert freq == sorted(freq, reverse=True) and freq[0] == max(counts.values())
+
+    capped = load_drafter(EngineConfig(model=tiny["model"], speculation="eagle", draft_path=out,
+                                       draft_vocab_size=40), tiny["model"])
+    assert capped.head.ids.tolist() == ids[:40] and capped.head.weight.shape[0] == 40
+
+    # A vocabulary stored in id order (earlier files) cannot be cut to its top N: kept whole.
+    old = str(tmp_path / "eagle-id-order")
+    shutil.copytree(out, old)
+    json.dump({**cfg, "draft_vocab_order": "id"}, open(os.path.join(old, "config.json"), "w"))
+    with caplog.at_level("WARNING"):
+        whole = load_drafter(EngineConfig(model=tiny["model"], speculation="eagle", draft_path=old,
+                                          draft_vocab_size=40), tiny["model"])
+    assert whole.head.weight.shape[0] == len(ids) and "not ranked" in caplog.text
+
+    resized = str(tmp_path / "eagle-64")
+    train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", resized, "--max-steps", "1",
+                      "--lr", "0", "--save-every", "0", "--batch-tokens", "256", "--init-from", out,
+                      "--draft-vocab", "64"]))
+    assert load_file(os.path.join(resized, "model.safetensors"))["draft_vocab_ids"].tolist() == ids[:64]
+
+
 def _continue_training(train, parse_args, tiny, out: str, first: dict, extra: list[str]) -> dict:
     """--init-from continues from the trained drafter at ``out``: its first loss is already
     low and its draft vocabulary is kept. Returns the new drafter's config."""
@@ -143,6 +187,45 @@ def test_medusa_heads_grow_deeper_without_changing_predictions(tiny, tmp_path):
     assert len(two.model.heads[0]) == 2 and len(one.model.heads[0]) == 1
     h = torch.randn(5, 96)
     torch.testing.assert_close(two.model(h), one.model(h), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fewer"):
+        train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", str(tmp_path / "x"),
+                          "--max-steps", "1", "--init-from", deeper, "--layers", "1"]))
+
+
+def test_eagle_grows_deeper_without_changing_predictions(tiny, tmp_path):
+    """--layers 2 from a trained 1-layer EAGLE drafter appends an identity layer: before any
+    update it predicts exactly what the 1-layer drafter did, at every draft depth; files in
+    the earlier flat one-layer layout still load."""
+    from engine.drafters.eagle import EagleModel
+    from train.eagle import parse_args, train
+
+    out = str(tiny["root"] / "eagle")
+    deeper = str(tmp_path / "eagle2")
+    train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", deeper, "--max-steps", "1",
+                      "--lr", "0", "--save-every", "0", "--val-frac", "0.2", "--batch-tokens", "256",
+                      "--init-from", out, "--layers", "2"]))
+    assert json.load(open(os.path.join(deeper, "config.json")))["num_layers"] == 2
+    one, two = _load("eagle", tiny, out), _load("eagle", tiny, deeper)
+    assert len(two.model.layers) == 2 and len(one.model.layers) == 1
+    emb, feats = torch.randn(1, 6, 96), torch.randn(1, 6, 96)
+    pos, mask = torch.arange(6).unsqueeze(0), torch.ones(6, 6, dtype=torch.bool).tril().unsqueeze(0)
+    with torch.no_grad():
+        out1, k1, _ = one.model(emb, feats, pos, mask)
+        out2, k2, _ = two.model(emb, feats, pos, mask)
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
+    assert k1.shape[0] == 1 and k2.shape[0] == 2  # one KV cache per layer
+    prompt = tiny["prompts"][1][1]
+    trees = []
+    for d in (one, two):
+        d.on_prefill("r", prompt, torch.randn(len(prompt), 96, generator=torch.Generator().manual_seed(1)), 7)
+        trees.append(d.propose(["r"], [12])[0])
+    assert trees[0].tokens == trees[1].tokens and trees[0].parents == trees[1].parents
+    # The flat layout of earlier one-layer files (q_proj.weight, ... at the top level).
+    flat = {k.removeprefix("layers.0."): v for k, v in one.model.state_dict().items()}
+    assert "q_proj.weight" in flat
+    legacy = EagleModel(one.model.cfg)
+    legacy.load_state_dict(flat)
+    assert all(torch.equal(a, b) for a, b in zip(legacy.state_dict().values(), one.model.state_dict().values()))
     with pytest.raises(ValueError, match="fewer"):
         train(parse_args(["--data", tiny["data"], "--model", tiny["model"], "--out", str(tmp_path / "x"),
                           "--max-steps", "1", "--init-from", deeper, "--layers", "1"]))

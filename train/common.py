@@ -33,7 +33,9 @@ def split(examples: list[Example], val_frac: float, seed: int) -> tuple[list[Exa
 
 
 def draft_vocab(examples: list[Example], size: int, vocab_size: int, always=()) -> torch.Tensor | None:
-    """The ``size`` most frequent ids of the responses (plus ``always``, e.g. EOS), sorted; None = full vocab."""
+    """The ``size`` most frequent ids of the responses (plus ``always``, e.g. EOS), most frequent
+    first, so that every prefix is a smaller draft vocabulary (``EngineConfig.draft_vocab_size``);
+    None = full vocab."""
     if not size or size >= vocab_size:
         return None
     counts = torch.zeros(vocab_size, dtype=torch.long)
@@ -43,7 +45,7 @@ def draft_vocab(examples: list[Example], size: int, vocab_size: int, always=()) 
         counts[t] = counts.max() + 1
     # Ties (unseen ids) break by id, so the set is deterministic.
     order = torch.argsort(counts * vocab_size + (vocab_size - 1 - torch.arange(vocab_size)), descending=True)
-    return order[:size].sort().values
+    return order[:size]
 
 
 def vocab_coverage(examples: list[Example], ids: torch.Tensor | None) -> float:
@@ -148,7 +150,7 @@ def prior_training(config: dict | None, path: str | None) -> dict | None:
         return None
     t = config.get("train") or {}
     return {"path": path, "steps": t.get("steps", 0) + ((t.get("init_from") or {}).get("steps", 0)),
-            "seconds": t.get("seconds", 0) + ((t.get("init_from") or {}).get("seconds", 0))}
+            "seconds": round(t.get("seconds", 0) + ((t.get("init_from") or {}).get("seconds", 0)), 1)}
 
 
 def optimizer_step(opt, model, loss, max_grad_norm: float = 1.0) -> None:

@@ -64,7 +64,7 @@ def load_target_layer(model, model_dir: str) -> int:
     copied = 0
     with torch.no_grad():
         for name, t in found.items():
-            key = name.replace("self_attn.", "")
+            key = "layers.0." + name.replace("self_attn.", "")
             if key in own and own[key].shape == t.shape:
                 own[key].copy_(t.to(own[key].dtype))
                 copied += 1
@@ -115,7 +115,8 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=".cache/drafter-data/smollm2-135m", help="Parquet shards from train.data (DIR, or DIR1,DIR2 to train on several)")
     ap.add_argument("--model", default="default", help="target checkpoint directory, or 'default'")
     ap.add_argument("--out", default="assets/eagle-smollm2-135m", help="drafter directory to write")
-    ap.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (0: full)")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="draft vocabulary size (0: full; default: 8192, or --init-from's, which this re-selects)")
     ap.add_argument("--epochs", type=float, default=20)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: by epochs)")
     ap.add_argument("--time-budget", type=float, default=0, help="minutes; fit the step count into it")
@@ -127,6 +128,8 @@ def parse_args(argv=None):
     ap.add_argument("--val-frac", type=float, default=0.05)
     ap.add_argument("--init-from-target", type=int, default=0, help="1: start from the target's last layer")
     ap.add_argument("--init-from", default=None, help="drafter directory to continue training (e.g. the shipped one)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="decoder layers (0: as --init-from, else 1); more than --init-from's appends identity layers")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -167,15 +170,29 @@ def train(args) -> dict:
     examples = load_examples(args.data, args.limit)
     train_ex, val_ex = split(examples, args.val_frac, args.seed)
     init_cfg, init, ids = init_state(args.init_from, "eagle")
-    if init is None:
-        ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
+    order = (init_cfg or {}).get("draft_vocab_order", "id")
+    if init is None or args.draft_vocab is not None:
+        # The drafter's weights do not depend on its vocabulary, so a continued run may re-select it.
+        ids = draft_vocab(train_ex, 8192 if args.draft_vocab is None else args.draft_vocab, target.vocab_size,
+                          target.eos_token_id)
+        order = "frequency"
     embed, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     embed = embed.to(dev)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
-    cfg = EagleConfig.from_target(target, None if ids is None else len(ids))
+    init_layers = init_cfg.get("num_layers", 1) if init_cfg else 1
+    layers = args.layers or init_layers
+    if init_cfg and layers < init_layers:
+        raise ValueError(f"--layers {layers} is fewer than the {init_layers} layers of --init-from {args.init_from}")
+    cfg = EagleConfig.from_target(target, None if ids is None else len(ids), layers)
+    cfg.draft_vocab_order = order if ids is not None else "id"
     model = EagleModel(cfg, torch.float32)
     if init is not None:
-        model.load_state_dict(init)
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        new = tuple(f"layers.{i}." for i in range(init_layers, layers))
+        if unexpected or any(not k.startswith(new) for k in missing):
+            raise ValueError(f"--init-from {args.init_from} does not match this EAGLE drafter's shapes")
+        for layer in model.layers[init_layers:]:
+            layer.make_identity()  # training starts from the init drafter's predictions
     copied = load_target_layer(model, model_dir) if (args.init_from_target and init is None) else 0
     model.to(dev).train()
     feat_std = float(torch.cat([e.feats[e.prompt_len:].float().flatten() for e in train_ex[:64]]).std())

@@ -44,7 +44,8 @@ def summarize(step_lists: list[list[int]]) -> dict:
 
 def evaluate(model: str, kinds: list[str], drafts: dict, temperatures: list[float], prompts: dict,
              max_tokens: int = 64, tree_budget: int = 60, dtype: str = "float32", seed: int = 0,
-             tokenizer=None) -> dict:
+             tokenizer=None, draft_depth: int | None = None, draft_top_k: int | None = None,
+             draft_vocab_size: int | None = None) -> dict:
     """prompts: {category: [token ids, ...]}. Returns {kind: {"T": {category|"all": summary}}}."""
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
@@ -55,8 +56,10 @@ def evaluate(model: str, kinds: list[str], drafts: dict, temperatures: list[floa
     flat = [(c, p) for c, ps in prompts.items() for p in ps]
     results = {}
     for kind in kinds:
+        tree = {k: v for k, v in (("draft_depth", draft_depth), ("draft_top_k", draft_top_k),
+                                  ("draft_vocab_size", draft_vocab_size)) if v}
         cfg = EngineConfig(model=model, dtype=dtype, speculation=kind, draft_path=drafts.get(kind),
-                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed,
+                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed, **tree,
                            num_blocks=len(flat) * ((max(len(p) for _, p in flat) + max_tokens + tree_budget) // 16 + 3))
         # What engine.generate.build_engine builds, minus the tokenizer (token-id prompts need none).
         executor = InProcessExecutor(model, dtype)
@@ -106,13 +109,16 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
     size = os.path.getsize(os.path.join(draft_dir, "model.safetensors")) / 2**20
     res = results[kind]
     cats = [c for c in next(iter(res.values())) if c != "all"]
-    title = {"eagle": "EAGLE drafter (EAGLE-1 layer, EAGLE-2 dynamic tree)",
+    layers = cfg.get("num_layers", 1)
+    title = {"eagle": f"EAGLE drafter ({layers} decoder layer{'s' if layers > 1 else ''}, EAGLE-2 dynamic tree)",
              "medusa": f"Medusa heads ({cfg.get('num_heads')} heads of {cfg.get('num_layers', 1)} residual blocks, "
                        "per-step tree)"}[kind]
     lines = [f"# {title} for SmolLM2-135M-Instruct", "",
              f"- weights: model.safetensors, bf16, {size:.1f} MB (embedding and lm_head are shared from the target)",
              f"- draft vocabulary: {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response ids "
-             "(`draft_vocab_ids`)",
+             "(`draft_vocab_ids`"
+             + (", most frequent first: `draft_vocab_size=N` drafts with the top N; the server on CPU uses 8192"
+                if cfg.get("draft_vocab_order") == "frequency" else "") + ")",
              f"- training data: {data_note}".rstrip(),
              f"- training: {tr.get('steps')} steps ({tr.get('epochs')} epochs) in {tr.get('seconds')} s on "
              "a shared 2-core CPU (bf16 autocast)"
@@ -121,7 +127,9 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
                 if tr.get("init_from") else ""),
              "- reproduce: see docs/drafters.md", "",
              f"tau (tokens per verification step, bonus included) on the held-out prompts of bench/common.py, "
-             f"tree budget {meta.get('tree_budget')}, {meta.get('max_tokens')} new tokens, target {meta.get('dtype')}:",
+             f"tree budget {meta.get('tree_budget')}, {meta.get('max_tokens')} new tokens, target {meta.get('dtype')}"
+             + (f", tree depth {meta['draft_depth']} x top-{meta['draft_top_k']}, draft vocabulary "
+                f"{meta.get('draft_vocab_size', 'all')}" if kind == "eagle" and "draft_depth" in meta else "") + ":",
              "", "| T | " + " | ".join(cats) + " | all |", "|---|" + "---|" * (len(cats) + 1)]
     for t, r in res.items():
         lines.append(f"| {t} | " + " | ".join(f"{r[c]['tau']:.2f}" for c in cats) + f" | **{r['all']['tau']:.2f}** |")
@@ -172,6 +180,9 @@ def parse_args(argv=None):
     ap.add_argument("--temperatures", default="0,0.7,1.0")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--tree-budget", type=int, default=60)
+    ap.add_argument("--draft-depth", type=int, default=None, help="EAGLE tree depth (default: the engine's)")
+    ap.add_argument("--draft-top-k", type=int, default=None, help="EAGLE children per node (default: the engine's)")
+    ap.add_argument("--draft-vocab", type=int, default=None, help="draft-head rows, most frequent first (default: all)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--per-category", type=int, default=3, help="held-out prompts per category")
     ap.add_argument("--out", default="docs/acceptance", help="writes OUT.json, OUT.md and OUT.png")
@@ -224,12 +235,17 @@ def main(argv=None) -> int:
         drafts = {k: getattr(args, k) or resolve_draft_path(EngineConfig(model=args.model, speculation=k))
                   for k in kinds}
         results = evaluate(model_dir, kinds, drafts, temps, prompts,
-                           args.max_tokens, args.tree_budget, args.dtype, args.seed)
+                           args.max_tokens, args.tree_budget, args.dtype, args.seed,
+                           draft_depth=args.draft_depth, draft_top_k=args.draft_top_k,
+                           draft_vocab_size=args.draft_vocab)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     meta = {"tree_budget": args.tree_budget, "max_tokens": args.max_tokens, "dtype": args.dtype,
-            "prompts": sum(len(v) for v in prompts.values())}
+            "prompts": sum(len(v) for v in prompts.values()),
+            "draft_depth": args.draft_depth or EngineConfig.draft_depth,
+            "draft_top_k": args.draft_top_k or EngineConfig.draft_top_k,
+            "draft_vocab_size": args.draft_vocab or "all"}
     _write(args.out, results, meta)
     return 0
 

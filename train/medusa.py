@@ -92,7 +92,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=None,
                     help="residual blocks per head (default 1, or the --init-from drafter's; more than it "
                          "has appends identity blocks)")
-    ap.add_argument("--draft-vocab", type=int, default=8192)
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="draft vocabulary size (0: full; default: 8192, or --init-from's, which this re-selects)")
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=0, help="minutes; fit the step count into it")
@@ -123,8 +124,12 @@ def train(args) -> dict:
     target = ModelConfig.from_path(model_dir)
     train_ex, val_ex = split(load_examples(args.data, args.limit), args.val_frac, args.seed)
     init_cfg, init, ids = init_state(args.init_from, "medusa")
-    if init is None:
-        ids = draft_vocab(train_ex, args.draft_vocab, target.vocab_size, target.eos_token_id)
+    order = (init_cfg or {}).get("draft_vocab_order", "id")
+    if init is None or args.draft_vocab is not None:
+        # The drafter's weights do not depend on its vocabulary, so a continued run may re-select it.
+        ids = draft_vocab(train_ex, 8192 if args.draft_vocab is None else args.draft_vocab, target.vocab_size,
+                          target.eos_token_id)
+        order = "frequency"
     vmap = target_map(ids, target.vocab_size)
     _, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
@@ -136,11 +141,12 @@ def train(args) -> dict:
     layers = args.layers or init_layers
     if init_cfg and layers < init_layers:
         raise ValueError(f"--layers {layers} is fewer than the {init_layers} blocks of --init-from {args.init_from}")
-    cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, layers, None if ids is None else len(ids))
+    cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, layers, None if ids is None else len(ids),
+                       order if ids is not None else "id")
     model = MedusaModel(cfg, torch.float32)
     if init is not None:
         # Blocks beyond the init drafter's keep their identity initialisation.
-        missing, unexpected = model.load_state_dict(MedusaModel.upgrade_state(init), strict=False)
+        missing, unexpected = model.load_state_dict(init, strict=False)
         if unexpected or any(not re.match(rf"heads\.\d+\.({'|'.join(map(str, range(init_layers, layers)))})\.", k)
                              for k in missing):
             raise ValueError(f"--init-from {args.init_from} does not match a {heads}-head Medusa drafter")

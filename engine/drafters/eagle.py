@@ -2,8 +2,9 @@
 
 The drafter predicts the target's next *feature* (final hidden state) from the
 current feature and the next token: at position i its input is
-``fc(concat(embed(t[i+1]), f[i]))``, one Llama decoder layer follows, and the
-target's own lm_head turns the predicted feature into token probabilities.
+``fc(concat(embed(t[i+1]), f[i]))``, one Llama decoder layer follows (or
+``num_layers``: a deeper drafter, grown from a trained one by appending
+identity-initialised layers), and the target's own lm_head turns the predicted feature into token probabilities.
 It shares the target's embedding and lm_head and keeps its own KV cache per
 request, extended with the accepted tokens (and their true target features)
 after every step.
@@ -40,12 +41,15 @@ class EagleConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
     draft_vocab_size: int | None = None  # None: the full vocabulary
+    num_layers: int = 1  # decoder layers; EAGLE-1/2 use one
+    draft_vocab_order: str = "id"  # "frequency": draft_vocab_ids most frequent first (prefixes are top-N sets)
 
     @classmethod
-    def from_target(cls, target: ModelConfig, draft_vocab_size: int | None = None) -> "EagleConfig":
+    def from_target(cls, target: ModelConfig, draft_vocab_size: int | None = None,
+                    num_layers: int = 1) -> "EagleConfig":
         return cls(target.hidden_size, target.num_attention_heads, target.num_key_value_heads, target.head_dim,
                    target.intermediate_size, target.vocab_size, target.rms_norm_eps, target.rope_theta,
-                   target.max_position_embeddings, draft_vocab_size)
+                   target.max_position_embeddings, draft_vocab_size, num_layers)
 
     def to_dict(self) -> dict:
         return {"kind": "eagle", **self.__dict__}
@@ -55,14 +59,13 @@ class EagleConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class EagleModel(nn.Module):
-    """fc + one decoder layer. Batched: x [B, n, H]; a KV prefix may be passed in."""
+class EagleLayer(nn.Module):
+    """One Llama decoder layer with its own (dropped-per-step) KV; x [B, n, H]."""
 
     def __init__(self, cfg: EagleConfig, dtype=torch.float32):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=True, dtype=dtype)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.q_proj = nn.Linear(h, cfg.num_attention_heads * cfg.head_dim, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * cfg.head_dim, bias=False, dtype=dtype)
@@ -78,23 +81,22 @@ class EagleModel(nn.Module):
             for lin in (self.mlp.gate_up_proj, self.mlp.down_proj):
                 bound = lin.weight.shape[1] ** -0.5
                 lin.weight.uniform_(-bound, bound)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        for p in self.parameters():
-            p.requires_grad_(True)
 
-    def forward(self, tok_emb, feats, positions, mask, past_k=None, past_v=None):
-        """tok_emb, feats: [B, n, H]; positions: [B, n]; mask: bool [B, n, P + n].
+    def make_identity(self) -> None:
+        """Zero both residual branches' output projections: the layer passes x through unchanged,
+        so a layer appended to a trained drafter starts from the old drafter's predictions."""
+        with torch.no_grad():
+            self.o_proj.weight.zero_()
+            self.mlp.down_proj.weight.zero_()
 
-        past_k/v: [B, n_kv, P, D] or None. Returns (out [B, n, H], k, v [B, n_kv, P+n, D]).
-        """
+    def forward(self, x, rope, positions, mask, past_k=None, past_v=None):
         c = self.cfg
-        b, n, _ = tok_emb.shape
-        x = linear(self.fc, torch.cat([tok_emb, feats.to(tok_emb.dtype)], dim=-1))
+        b, n, _ = x.shape
         hn = self.input_layernorm(x)
         q = linear(self.q_proj, hn).view(b * n, c.num_attention_heads, c.head_dim)
         k = linear(self.k_proj, hn).view(b * n, c.num_key_value_heads, c.head_dim)
         v = linear(self.v_proj, hn).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = self.rope(positions.reshape(-1), q, k)
+        q, k = rope(positions.reshape(-1), q, k)
         q = q.view(b, n, -1, c.head_dim).transpose(1, 2)
         k = k.view(b, n, -1, c.head_dim).transpose(1, 2)
         if past_k is not None:
@@ -106,9 +108,47 @@ class EagleModel(nn.Module):
         return x, k, v
 
 
+class EagleModel(nn.Module):
+    """fc + ``num_layers`` decoder layers (EAGLE uses one). Batched: x [B, n, H]; a KV prefix may be passed in."""
+
+    def __init__(self, cfg: EagleConfig, dtype=torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True, dtype=dtype)
+        self.layers = nn.ModuleList(EagleLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @staticmethod
+    def upgrade_state(state: dict) -> dict:
+        """Map the one-layer layout of earlier files (``q_proj.weight`` ...) to ``layers.0.q_proj.weight``."""
+        return {(k if k.startswith(("fc.", "layers.", "draft_vocab_ids")) else f"layers.0.{k}"): v
+                for k, v in state.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(self.upgrade_state(state_dict), strict=strict, assign=assign)
+
+    def forward(self, tok_emb, feats, positions, mask, past_k=None, past_v=None):
+        """tok_emb, feats: [B, n, H]; positions: [B, n]; mask: bool [B, n, P + n].
+
+        past_k/v: [L, B, n_kv, P, D] or None (L = num_layers).
+        Returns (out [B, n, H], k, v [L, B, n_kv, P+n, D]).
+        """
+        x = linear(self.fc, torch.cat([tok_emb, feats.to(tok_emb.dtype)], dim=-1))
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, self.rope, positions, mask,
+                            None if past_k is None else past_k[i], None if past_v is None else past_v[i])
+            ks.append(k)
+            vs.append(v)
+        return x, torch.stack(ks), torch.stack(vs)
+
+
 @dataclass
 class _State:
-    k: torch.Tensor | None = None  # [1, n_kv, L, D]
+    k: torch.Tensor | None = None  # [layers, 1, n_kv, L, D]
     v: torch.Tensor | None = None
     length: int = 0  # pairs (feature, next token) in the KV cache
     feats: list = field(default_factory=list)  # pending pairs not yet run: features [H] ...

@@ -6,6 +6,7 @@ tensors from the target checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,6 +21,7 @@ from engine.runner import DTYPES
 from engine.weights import DEFAULT_MODEL, checkpoint_files
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
+log = logging.getLogger(__name__)
 RANDOM = "random"  # --draft random: an untrained drafter (tests, smoke runs)
 
 
@@ -51,6 +53,18 @@ def resolve_draft_path(cfg: EngineConfig) -> str:
     raise FileNotFoundError(f"speculation={cfg.speculation} needs a drafter for {cfg.model}: pass draft_path")
 
 
+def cap_draft_vocab(ids: torch.Tensor | None, config: dict, cap: int | None, path: str) -> torch.Tensor | None:
+    """The first ``cap`` of a frequency-ranked draft vocabulary (all of it when cap is None, 0
+    or not smaller). A drafter whose ids are not ranked, or that drafts over the full
+    vocabulary, keeps them all: a cap is a speed preference, not a requirement."""
+    if not cap or ids is None or cap >= len(ids):
+        return ids
+    if config.get("draft_vocab_order") != "frequency":
+        log.warning("drafter %s: draft vocabulary not ranked by frequency; draft_vocab_size=%d ignored", path, cap)
+        return ids
+    return ids[:cap]
+
+
 def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0):
     """An EagleDrafter or MedusaDrafter for ``cfg.speculation``."""
     dtype = DTYPES[cfg.dtype]
@@ -71,13 +85,11 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
             raise ValueError(f"{path} holds a {config.get('kind')} drafter, not {cfg.speculation}")
         if config["hidden_size"] != target.hidden_size or config["vocab_size"] != target.vocab_size:
             raise ValueError(f"drafter {path} does not match the target model's hidden size / vocabulary")
-        state_ids = state.pop("draft_vocab_ids", None)
+        state_ids = cap_draft_vocab(state.pop("draft_vocab_ids", None), config, cfg.draft_vocab_size, path)
         if cfg.speculation == "eagle":
             model = EagleModel(EagleConfig.from_dict(config), dtype)
         else:
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
-        if cfg.speculation == "medusa":
-            state = MedusaModel.upgrade_state(state)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     head = DraftHead(lm_head.detach().to(dtype), state_ids)
     if cfg.device == "cpu":

@@ -30,6 +30,7 @@ class MedusaConfig:
     num_heads: int = 4
     num_layers: int = 1  # residual blocks per head
     draft_vocab_size: int | None = None
+    draft_vocab_order: str = "id"  # "frequency": draft_vocab_ids most frequent first (prefixes are top-N sets)
     rank_acc: list | None = None  # measured [head][rank] top-k accuracy; shapes the default tree
 
     def to_dict(self) -> dict:
@@ -67,6 +68,9 @@ class MedusaModel(nn.Module):
     def upgrade_state(state: dict) -> dict:
         """Map the one-block layout of earlier files (``heads.i.linear.*``) to ``heads.i.0.linear.*``."""
         return {re.sub(r"^heads\.(\d+)\.linear\.", r"heads.\1.0.linear.", k): v for k, v in state.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(self.upgrade_state(state_dict), strict=strict, assign=assign)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> per-head features [K, ..., H] (apply the lm_head after)."""
