@@ -48,6 +48,17 @@ def draft_vocab(examples: list[Example], size: int, vocab_size: int, always=()) 
     return order[:size]
 
 
+def choose_draft_vocab(examples: list[Example], size: int | None, target, init_cfg: dict | None,
+                       init_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
+    """(draft vocabulary ids, their order) for a training run: the --init-from drafter's unless
+    ``size`` is given (its weights do not depend on the vocabulary, so a continued run may
+    re-select it), else the 8192 most frequent. Order is "frequency" for ids chosen here."""
+    if init_cfg is not None and size is None:
+        return init_ids, (init_cfg.get("draft_vocab_order", "id") if init_ids is not None else "id")
+    ids = draft_vocab(examples, 8192 if size is None else size, target.vocab_size, target.eos_token_id)
+    return ids, ("frequency" if ids is not None else "id")
+
+
 def vocab_coverage(examples: list[Example], ids: torch.Tensor | None) -> float:
     if ids is None:
         return 1.0

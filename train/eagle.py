@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, optimizer_step, batches, draft_vocab, init_state,
+    Schedule, cli, choose_draft_vocab, optimizer_step, batches, init_state,
     prior_training, load_examples, pad_batch, split, vocab_coverage,
 )
 
@@ -170,12 +170,7 @@ def train(args) -> dict:
     examples = load_examples(args.data, args.limit)
     train_ex, val_ex = split(examples, args.val_frac, args.seed)
     init_cfg, init, ids = init_state(args.init_from, "eagle")
-    order = (init_cfg or {}).get("draft_vocab_order", "id")
-    if init is None or args.draft_vocab is not None:
-        # The drafter's weights do not depend on its vocabulary, so a continued run may re-select it.
-        ids = draft_vocab(train_ex, 8192 if args.draft_vocab is None else args.draft_vocab, target.vocab_size,
-                          target.eos_token_id)
-        order = "frequency"
+    ids, order = choose_draft_vocab(train_ex, args.draft_vocab, target, init_cfg, ids)
     embed, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     embed = embed.to(dev)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
@@ -184,7 +179,7 @@ def train(args) -> dict:
     if init_cfg and layers < init_layers:
         raise ValueError(f"--layers {layers} is fewer than the {init_layers} layers of --init-from {args.init_from}")
     cfg = EagleConfig.from_target(target, None if ids is None else len(ids), layers)
-    cfg.draft_vocab_order = order if ids is not None else "id"
+    cfg.draft_vocab_order = order
     model = EagleModel(cfg, torch.float32)
     if init is not None:
         missing, unexpected = model.load_state_dict(init, strict=False)

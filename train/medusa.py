@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, optimizer_step, draft_vocab, init_state, prior_training,
+    Schedule, cli, choose_draft_vocab, optimizer_step, init_state, prior_training,
     load_examples, split, target_map, vocab_coverage,
 )
 
@@ -124,12 +124,7 @@ def train(args) -> dict:
     target = ModelConfig.from_path(model_dir)
     train_ex, val_ex = split(load_examples(args.data, args.limit), args.val_frac, args.seed)
     init_cfg, init, ids = init_state(args.init_from, "medusa")
-    order = (init_cfg or {}).get("draft_vocab_order", "id")
-    if init is None or args.draft_vocab is not None:
-        # The drafter's weights do not depend on its vocabulary, so a continued run may re-select it.
-        ids = draft_vocab(train_ex, 8192 if args.draft_vocab is None else args.draft_vocab, target.vocab_size,
-                          target.eos_token_id)
-        order = "frequency"
+    ids, order = choose_draft_vocab(train_ex, args.draft_vocab, target, init_cfg, ids)
     vmap = target_map(ids, target.vocab_size)
     _, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
@@ -142,7 +137,7 @@ def train(args) -> dict:
     if init_cfg and layers < init_layers:
         raise ValueError(f"--layers {layers} is fewer than the {init_layers} blocks of --init-from {args.init_from}")
     cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, layers, None if ids is None else len(ids),
-                       order if ids is not None else "id")
+                       order)
     model = MedusaModel(cfg, torch.float32)
     if init is not None:
         # Blocks beyond the init drafter's keep their identity initialisation.

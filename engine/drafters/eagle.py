@@ -143,6 +143,8 @@ class EagleModel(nn.Module):
                             None if past_k is None else past_k[i], None if past_v is None else past_v[i])
             ks.append(k)
             vs.append(v)
+        if len(ks) == 1:  # the usual one-layer drafter: a view, not another copy of its whole KV cache
+            return x, ks[0].unsqueeze(0), vs[0].unsqueeze(0)
         return x, torch.stack(ks), torch.stack(vs)
 
 
