@@ -140,13 +140,17 @@ class ModelRunner:
         return per_token * block_size * len(self.model.layers)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
-        """One [num_blocks, block_size, n_kv_local, head_dim] K and V tensor per layer."""
+        """One [num_blocks, block_size, n_kv_local, head_dim] K and V tensor per layer.
+
+        They are views of one [2, num_layers, ...] tensor, so KV compaction moves
+        every layer's slots in one gather + scatter instead of two per layer.
+        """
         self.num_blocks, self.block_size = num_blocks, block_size
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        attn = self.model.layers[0].self_attn
+        shape = (2, len(self.model.layers), num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> ModelOutput:
@@ -163,7 +167,4 @@ class ModelRunner:
         """
         if len(src_slots) == 0:
             return
-        src, dst = src_slots.to(self.device), dst_slots.to(self.device)
-        for layer in self.model.layers:
-            copy_slots(layer.self_attn.k_cache, src, dst)
-            copy_slots(layer.self_attn.v_cache, src, dst)
+        copy_slots(self.kv_cache, src_slots.to(self.device), dst_slots.to(self.device))

@@ -56,9 +56,14 @@ def compaction_slots(
 
 
 def copy_slots(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """cache [num_blocks, block_size, n_kv, D]: slot dst[m] <- slot src[m], all reads first."""
-    flat = cache.view(-1, *cache.shape[2:])
-    flat[dst] = flat[src]  # advanced indexing gathers into a new tensor before the scatter
+    """cache [..., num_blocks, block_size, n_kv, D]: slot dst[m] <- slot src[m], all reads first.
+
+    Leading dims (e.g. [2, num_layers] for a whole model's K and V in one tensor)
+    move together, so one gather and one scatter serve every layer.
+    """
+    lead = cache.shape[:-4]
+    flat = cache.view(*lead, -1, cache.shape[-2] * cache.shape[-1])  # [..., slots, n_kv * D]
+    flat[..., dst, :] = flat[..., src, :]  # advanced indexing gathers into a new tensor before the scatter
 
 
 def compact_kv(
