@@ -11,7 +11,7 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
-from engine.config import EngineConfig, auto_draft_vocab_size, auto_dtype, auto_tree_budget
+from engine.config import EngineConfig, auto_draft_min_prob, auto_draft_vocab_size, auto_dtype, auto_tree_budget
 
 DRAFTER_CHOICES = ("auto", "off", "eagle", "medusa")
 REQUEST_SPECULATION = ("auto", "off", "eagle", "medusa")
@@ -30,6 +30,7 @@ class AppConfig:
     tree_budget: int | None = None  # largest draft tree per sequence (None: 60 on GPU, 8 on CPU);
     # the router picks 0..tree_budget
     draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 8192 on CPU, all on GPU; 0: all)
+    draft_min_prob: float | None = None  # EAGLE: no deeper drafting below this path probability (None: 0.25 CPU, 0 GPU)
     max_num_seqs: int = 16
     max_model_len: int = 2048
     num_blocks: int | None = None
@@ -77,6 +78,8 @@ class AppConfig:
             self.tree_budget = auto_tree_budget(self.device)
         if self.draft_vocab_size is None:
             self.draft_vocab_size = auto_draft_vocab_size(self.device) or 0
+        if self.draft_min_prob is None:
+            self.draft_min_prob = auto_draft_min_prob(self.device)
 
     def validate(self) -> None:
         if self.executor not in ("auto", "local", "ray"):
@@ -121,6 +124,7 @@ class AppConfig:
             num_blocks=self.num_blocks, kv_cache_gib=self.kv_cache_gib, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len, speculation=speculation, draft_path=self.draft_path,
             tree_budget=self.tree_budget if speculation != "off" else 0, draft_vocab_size=self.draft_vocab_size,
+            draft_min_prob=self.draft_min_prob,
         )
 
     def to_dict(self) -> dict:

@@ -109,6 +109,8 @@ def main():
     ap.add_argument("--from-json", default=None, help="with --plot: redraw a saved final JSON line, run nothing")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="draft-head rows, most frequent first (default: the server's CPU default; 0: all)")
+    ap.add_argument("--draft-min-prob", type=float, default=None,
+                    help="EAGLE's cost-aware stop (default: the server's CPU default; 0: exact EAGLE-2 search)")
     args = ap.parse_args()
     if args.from_json:
         if not args.plot:
@@ -117,7 +119,7 @@ def main():
             plot(json.loads(f.read().strip().splitlines()[-1]), args.plot)
         return
 
-    from engine.config import EngineConfig, auto_draft_vocab_size, auto_dtype
+    from engine.config import EngineConfig, auto_draft_min_prob, auto_draft_vocab_size, auto_dtype
     from engine.drafters.loading import load_drafter
     from engine.engine import LLMEngine
     from engine.executor import InProcessExecutor
@@ -128,6 +130,7 @@ def main():
     dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     budgets = [int(b) for b in args.tree_budget.split(",")]
     draft_vocab = auto_draft_vocab_size("cpu") if args.draft_vocab is None else args.draft_vocab
+    min_prob = auto_draft_min_prob("cpu") if args.draft_min_prob is None else args.draft_min_prob
     model_dir = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model_dir)
     executor = InProcessExecutor(model_dir, dtype)  # one copy of the target, shared by all modes
@@ -140,7 +143,8 @@ def main():
     engines = {}
     for kind, budget in [("off", 0)] + [(k, b) for b in budgets for k in ("eagle", "medusa")]:
         cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,
-                           max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab)
+                           max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab,
+                           draft_min_prob=min_prob)
         drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None
         engines[(kind, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
         eng.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up: this mode's shapes
@@ -167,6 +171,7 @@ def main():
         "max_tokens": args.max_tokens,
         "drafters": args.draft or "shipped",
         "draft_vocab_size": draft_vocab or "all",
+        "draft_min_prob": min_prob,
         "vanilla_tok_s": round(vanilla, 2),
         "off_ms_per_step": off["verify_ms"],
         "eagle_best_budget": int(best["eagle"]),

@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="draft-head rows, the drafter's most frequent tokens first (default: all)")
+    ap.add_argument("--draft-min-prob", type=float, default=0.0,
+                    help="EAGLE: stop drafting deeper below this path probability (0: exact EAGLE-2 search)")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     return ap.parse_args(argv)
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
         cfg = EngineConfig(model=args.model, dtype=args.dtype, speculation=args.speculation,
-                           draft_path=args.draft, max_num_seqs=1, draft_vocab_size=args.draft_vocab)
+                           draft_path=args.draft, max_num_seqs=1, draft_vocab_size=args.draft_vocab,
+                           draft_min_prob=args.draft_min_prob)
         if args.tree_budget is not None:
             cfg.tree_budget = args.tree_budget
             cfg.validate()

@@ -106,3 +106,21 @@ def test_drafter_failure_falls_back_to_plain(make_engine, references, chat_promp
     out = engine.generate([chat_prompts[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
     assert chat_prompts[0] + out.token_ids == references[tuple(chat_prompts[0])][: len(chat_prompts[0]) + 20]
     assert not engine.drafter_healthy and engine.kv_blocks_used == 0
+
+
+def test_eagle_cost_aware_stop_drafts_fewer_depths(make_engine, executor, default_dir, references, chat_prompts):
+    """draft_min_prob stops the EAGLE-2 search early: fewer drafter forwards, output still plain greedy."""
+    forwards = {}
+    for min_prob in (0.0, 0.4):
+        cfg = EngineConfig(speculation="eagle", tree_budget=5, draft_min_prob=min_prob)  # the shipped drafter
+        drafter = load_drafter(cfg, default_dir, executor)
+        calls = []
+        forward = drafter.model.forward
+        drafter.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        engine, outs = run(make_engine, drafter, chat_prompts[:2], 1, budget=5)
+        for p, o in zip(chat_prompts, outs):
+            assert p + o.token_ids == references[tuple(p)]
+        forwards[min_prob] = len(calls)
+    assert forwards[0.4] < forwards[0.0]
+    with pytest.raises(ValueError, match="draft_min_prob"):
+        EngineConfig(draft_min_prob=1.0)

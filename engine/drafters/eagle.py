@@ -15,6 +15,7 @@ times, then rerank everything drafted and keep the best ``budget`` nodes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -162,11 +163,12 @@ class EagleDrafter(Drafter):
     kind = "eagle"
 
     def __init__(self, model: EagleModel, embed_weight: torch.Tensor, head: DraftHead, top_k: int = 8,
-                 depth: int = 6):
+                 depth: int = 6, min_expand_prob: float = 0.0):
         self.model = model.eval()
         self.embed_weight = embed_weight
         self.head = head
         self.top_k, self.depth = top_k, depth
+        self.min_expand_prob = min_expand_prob
         self.states: dict[str, _State] = {}
 
     # -------------------------------------------------------------- bookkeeping
@@ -232,7 +234,14 @@ class EagleDrafter(Drafter):
             # best score so far is at least the best frontier score, no deeper node can
             # make the final selection (ties go to the shallower node). Each depth is a
             # drafter forward plus a head read, the main drafting cost on CPU.
-            if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= max(scores[i] for i in frontier):
+            best_frontier = max(scores[i] for i in frontier)
+            if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= best_frontier:
+                break
+            # Cost-aware stop: a deeper node is accepted at most as often as its parent's
+            # path (draft confidence tracks acceptance, EAGLE-2 fig. 6), so when the best
+            # frontier path's probability is below what one more drafter forward costs in
+            # tokens, the forward cannot pay for itself.
+            if math.exp(best_frontier) < self.min_expand_prob:
                 break
             n_f = len(frontier)
             if d > 1:  # depth-1 nodes hang off the root, which the cache already holds

@@ -96,5 +96,6 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         pack_cpu_weights(model)  # bf16 only: drafting reads ~20 MB per depth, packed ~1.5x faster
         pack_cpu_weights(head)
     if cfg.speculation == "eagle":
-        return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth)
+        return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth,
+                            cfg.draft_min_prob)
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1))
