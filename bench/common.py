@@ -55,6 +55,37 @@ PROMPTS = {
 }
 
 
+# Tuning prompts for serving knobs (bench/draft_stop.py): in neither the drafters' training
+# prompts (train/prompts.py) nor the held-out set above, so a knob tuned here is not fitted
+# to the figures it is judged by.
+TUNING_PROMPTS = [
+    "Write a short story about a baker who discovers a secret recipe in an old book.",
+    "Draft a thank-you note to a neighbor who watered my plants while I was away.",
+    "Describe a rainy afternoon in a small coffee shop.",
+    "You are a museum guide. Introduce the dinosaur hall to a group of children.",
+    "Pretend to be a chef and explain tonight's special to a guest.",
+    "If every student in a class passed the test and Anna is in the class, did Anna pass? Explain.",
+    "A train leaves at 3 pm and travels for 2.5 hours. When does it arrive? Explain.",
+    "What is 12 multiplied by 13? Show the steps.",
+    "A rectangle is 8 meters long and 5 meters wide. What is its area and perimeter?",
+    "Write a Python function that returns the largest even number in a list, or None.",
+    "Write a Python function that reverses a list without using the reverse method.",
+    "Explain what a stack is in computer science, with a short Python example.",
+    "List the main ingredients mentioned: 'The soup needs carrots, onions, garlic and two cups of broth.'",
+    "Extract the dates from this text: 'The meeting moved from March 3 to March 10, and the report is due April 1.'",
+    "Explain why the sky appears blue during the day.",
+    "What are the main differences between plants and animals?",
+    "Describe the water cycle in simple terms.",
+    "Why do we have seasons on Earth?",
+    "Give three tips for staying focused while studying.",
+    "What are some good habits for a healthy morning routine?",
+    "Explain the difference between weather and climate.",
+    "Summarize the benefits of regular exercise in a few sentences.",
+    "Write a haiku about autumn leaves.",
+    "Explain how a bicycle works to a ten-year-old.",
+]
+
+
 def flat_prompts(n: int | None = None) -> list[tuple[str, str]]:
     """(category, prompt) pairs, interleaving categories so any prefix is balanced."""
     out = []

@@ -176,9 +176,9 @@ def auto_draft_vocab_size(device: str = "cpu") -> int | None:
 def auto_draft_min_prob(device: str = "cpu") -> float:
     """EAGLE's cost-aware stop: 0 (exact EAGLE-2 search) on a GPU, where a draft depth is a
     small fraction of a target step; 0.25 on a CPU, where one depth (a drafter forward and a
-    head read, ~1.1 ms) is ~4% of a 5-node verify step: on unseen prompts at a 5-node tree,
-    stopping below 0.2-0.3 cut drafting from 6.1-6.4 to 3.8-4.7 ms a step for 1-3% of tau
-    (docs/benchmarks.md)."""
+    head read, ~1.1 ms) is ~4% of a 5-node verify step: on the tuning prompts at a 5-node
+    tree, 0.25 cut drafting from 6.8 to 4.4 ms a step for 3% of tau, and tau per ms is flat
+    from 0.2 to 0.35 (bench/draft_stop.py, docs/benchmarks.md)."""
     return 0.0 if device.startswith("cuda") else 0.25
 
 

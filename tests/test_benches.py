@@ -41,3 +41,13 @@ def test_decode_bench_shape():
     # fraction_of_limit is tokens/s over bandwidth / weight bytes (SmolLM2-135M: ~270 MB in bf16).
     assert abs(res["fraction_of_limit"] - res["engine_tok_s"] / res["limit_tok_s"]) < 0.01
     assert 100 < res["weight_mb"] < 600
+
+
+def test_draft_stop_bench_shape():
+    res = run_bench("bench/draft_stop.py", "--prompts", "2", "--max-tokens", "12", "--min-probs", "0,0.6")
+    assert res["bench"] == "draft_stop" and set(res["by_min_prob"]) == {"0.0", "0.6"}
+    exact, stopped = res["by_min_prob"]["0.0"], res["by_min_prob"]["0.6"]
+    # A higher threshold never drafts deeper: at most as many drafter forwards per step.
+    assert stopped["drafter_forwards_per_step"] <= exact["drafter_forwards_per_step"]
+    assert all(1.0 <= m["tau"] <= res["tree_budget"] + 1 for m in (exact, stopped))
+    assert res["best"] in res["by_min_prob"]

@@ -167,9 +167,10 @@ def _norm(s: str) -> str:
 
 
 def held_out_prompts() -> set[str]:
-    from bench.common import PROMPTS
+    """Prompts training never sees: the held-out evaluation set and the serving-knob tuning set."""
+    from bench.common import PROMPTS, TUNING_PROMPTS
 
-    return {_norm(p) for ps in PROMPTS.values() for p in ps}
+    return {_norm(p) for ps in PROMPTS.values() for p in ps} | {_norm(p) for p in TUNING_PROMPTS}
 
 
 def templated_prompts(rng: random.Random) -> list[tuple[str, str]]:
