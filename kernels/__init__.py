@@ -8,7 +8,10 @@ blocks (its *block table*, an int32 row ``[max_blocks]``); token position ``p`` 
 the sequence lives in block ``block_table[p // block_size]`` at offset
 ``p % block_size``. The flat *slot* of that token is
 ``block_table[p // block_size] * block_size + p % block_size``, so
-``k_cache.view(-1, num_kv_heads, head_dim)[slot]`` is its key.
+``k_cache.view(-1, num_kv_heads, head_dim)[slot]`` is its key. The engine allocates
+every layer's pair as views of one contiguous ``[2, num_layers, num_blocks, block_size,
+num_kv_heads, head_dim]`` tensor, so KV compaction (``compaction.copy_slots``) moves a
+slot in all layers with one gather and one scatter.
 
 One forward processes, per sequence ``b``, ``context_lens[b]`` committed tokens
 already in the cache (the *prefix*) and ``T_b`` new tokens, whose K/V the model

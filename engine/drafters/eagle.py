@@ -237,10 +237,10 @@ class EagleDrafter(Drafter):
             best_frontier = max(scores[i] for i in frontier)
             if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= best_frontier:
                 break
-            # Cost-aware stop: a deeper node is accepted at most as often as its parent's
-            # path (draft confidence tracks acceptance, EAGLE-2 fig. 6), so when the best
-            # frontier path's probability is below what one more drafter forward costs in
-            # tokens, the forward cannot pay for itself.
+            # Cost-aware stop (draft_min_prob): a deeper node is accepted at most as often
+            # as its parent's path (draft confidence tracks the acceptance rate, as the
+            # EAGLE-2 paper measures), so when the best frontier path's probability is
+            # below what one more drafter forward costs in tokens, it cannot pay for itself.
             if math.exp(best_frontier) < self.min_expand_prob:
                 break
             n_f = len(frontier)
