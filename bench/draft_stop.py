@@ -44,8 +44,6 @@ def main():
     model_dir = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model_dir)
     executor = InProcessExecutor(model_dir, dtype)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False) for p in TUNING_PROMPTS[: args.prompts]]
     engines, forwards = {}, {}
     for p in min_probs:
         try:
@@ -55,17 +53,17 @@ def main():
         except ValueError as exc:
             ap.error(str(exc))
         drafter = load_drafter(cfg, model_dir, executor)
-        forward = drafter.model.forward
+        engines[p] = LLMEngine(cfg, executor, drafter, tok)
+        engines[p].generate([TUNING_PROMPTS[0]], SamplingParams(max_tokens=8))  # warm-up
         forwards[p] = 0
 
-        def counted(*a, _p=p, _f=forward, **k):
+        def counted(*a, _p=p, _f=drafter.model.forward, **k):
             forwards[_p] += 1
             return _f(*a, **k)
 
         drafter.model.forward = counted
-        engines[p] = LLMEngine(cfg, executor, drafter, tok)
-        engines[p].generate([prompts[0]], SamplingParams(max_tokens=8))  # warm-up
-        forwards[p] = 0
+    prompts = [engines[min_probs[0]].tokenize_chat([{"role": "user", "content": p}])
+               for p in TUNING_PROMPTS[: args.prompts]]
     totals = {p: {"committed": 0, "steps": 0, "draft_s": 0.0, "verify_s": 0.0} for p in min_probs}
     params = SamplingParams(max_tokens=args.max_tokens)
     for ids in tqdm(prompts, desc=f"{len(min_probs)} thresholds"):

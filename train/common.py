@@ -155,6 +155,16 @@ def init_state(path: str | None, kind: str) -> tuple[dict | None, dict | None, t
     return config, state, (None if ids is None else ids.long())
 
 
+def layer_counts(requested: int | None, init_cfg: dict | None, init_path: str | None) -> tuple[int, int]:
+    """(layers of the --init-from drafter, layers to train): ``requested`` (0/None: as the init
+    drafter, else 1); growing is allowed (appended layers start as the identity), shrinking not."""
+    init_layers = init_cfg.get("num_layers", 1) if init_cfg else 1
+    layers = requested or init_layers
+    if init_cfg and layers < init_layers:
+        raise ValueError(f"--layers {layers} is fewer than the {init_layers} layers (blocks per head) of --init-from {init_path}")
+    return init_layers, layers
+
+
 def prior_training(config: dict | None, path: str | None) -> dict | None:
     """What the --init-from drafter had been trained for (kept in the new card)."""
     if not config:

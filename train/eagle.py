@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, choose_draft_vocab, optimizer_step, batches, init_state,
+    Schedule, cli, choose_draft_vocab, optimizer_step, batches, init_state, layer_counts,
     prior_training, load_examples, pad_batch, split, vocab_coverage,
 )
 
@@ -174,10 +174,7 @@ def train(args) -> dict:
     embed, lm_head = target_embed_and_head(model_dir, torch.bfloat16)
     embed = embed.to(dev)
     head_w = (lm_head if ids is None else lm_head[ids]).to(dev)
-    init_layers = init_cfg.get("num_layers", 1) if init_cfg else 1
-    layers = args.layers or init_layers
-    if init_cfg and layers < init_layers:
-        raise ValueError(f"--layers {layers} is fewer than the {init_layers} layers of --init-from {args.init_from}")
+    init_layers, layers = layer_counts(args.layers, init_cfg, args.init_from)
     cfg = EagleConfig.from_target(target, None if ids is None else len(ids), layers)
     cfg.draft_vocab_order = order
     model = EagleModel(cfg, torch.float32)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, choose_draft_vocab, optimizer_step, init_state, prior_training,
+    Schedule, cli, choose_draft_vocab, optimizer_step, init_state, layer_counts, prior_training,
     load_examples, split, target_map, vocab_coverage,
 )
 
@@ -132,10 +132,7 @@ def train(args) -> dict:
     x, y = flatten(train_ex, heads, vmap)
     xv, yv = flatten(val_ex, heads, vmap) if val_ex else (x[:0], y[:0])
     x, y = x.to(dev), y.to(dev)
-    init_layers = init_cfg.get("num_layers", 1) if init_cfg else 1
-    layers = args.layers or init_layers
-    if init_cfg and layers < init_layers:
-        raise ValueError(f"--layers {layers} is fewer than the {init_layers} blocks of --init-from {args.init_from}")
+    init_layers, layers = layer_counts(args.layers, init_cfg, args.init_from)
     cfg = MedusaConfig(target.hidden_size, target.vocab_size, heads, layers, None if ids is None else len(ids),
                        order)
     model = MedusaModel(cfg, torch.float32)
