@@ -5,6 +5,7 @@ in actors/); ``ModelOutput`` comes back from rank 0.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +14,10 @@ from engine.attention import AttentionMetadata
 from kernels.compaction import copy_slots
 from kernels.tree import ancestor_mask
 from engine.config import ModelConfig
+from engine.fused import FusedDecoder
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
-from engine.weights import load_weights
+from engine.weights import cache_root, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,6 +121,7 @@ class ModelRunner:
         config: ModelConfig | None = None,
         load: bool = True,
         pack_weights: bool = True,
+        fused: bool = True,
     ):
         self.tp = tp or TPGroup()
         self.device = torch.device(device)
@@ -131,6 +134,11 @@ class ModelRunner:
         self.model.eval()
         if load and pack_weights and self.device.type == "cpu":
             pack_cpu_weights(self.model)  # bf16 only; a no-op for other dtypes
+        # Decode and verify steps of a bf16 single-rank CPU model run as one C call.
+        # fused=False keeps the torch path (comparisons); the kernel's own conditions are in
+        # engine/fused.py (bf16, world size 1, AVX512-BF16, a C compiler).
+        self.fused = (FusedDecoder.create(self.model, os.path.join(cache_root(), "kernels"))
+                      if fused and load and self.device.type == "cpu" else None)
         self.block_size = 0
         self.num_blocks = 0
 
@@ -155,6 +163,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> ModelOutput:
         dev = self.device
+        if self.fused is not None and len(inp.input_ids) <= self.fused.max_rows:
+            hidden, logits = self.fused.forward(inp, self.kv_cache)
+            return ModelOutput(logits, hidden)
         hidden = self.model(inp.input_ids.to(dev), inp.positions.to(dev), inp.metadata(dev))
         logits = self.model.compute_logits(hidden[inp.logits_indices.to(dev)])
         return ModelOutput(logits.float().cpu(), hidden.cpu())

@@ -99,8 +99,8 @@ def test_bf16_packed_weights_match_plain_linear(tmp_path):
     from engine.parallel import pack_cpu_weights
 
     d = random_llama_dir(str(tmp_path), tie=False, layers=3)
-    plain = ModelRunner(d, "bfloat16", pack_weights=False)
-    packed = ModelRunner(d, "bfloat16")
+    plain = ModelRunner(d, "bfloat16", pack_weights=False, fused=False)
+    packed = ModelRunner(d, "bfloat16", fused=False)
     assert not any("packed_weight" in m.__dict__ for m in plain.model.modules())
     assert sum("packed_weight" in m.__dict__ for m in packed.model.modules()) == 3 * 4 + 1  # 4 per layer + head
     assert pack_cpu_weights(ModelRunner(d, "float32").model) == 0  # fp32 keeps F.linear

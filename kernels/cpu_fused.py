@@ -1,0 +1,76 @@
+"""Build and load the fused CPU forward (kernels/cpu_fused.c).
+
+The C file is compiled once per source/flags hash with the system C compiler into a
+cache directory and loaded with ctypes: no torch headers, so a build takes about a
+second. It links the ``libgomp.so.1`` that torch has already loaded (same soname), so
+both share one OpenMP thread pool. ``unsupported_reason()`` says why the kernel cannot
+run here (not x86-64 Linux, no AVX512-BF16, no compiler); callers then keep the torch
+path. The engine-side wrapper that packs a model's weights is engine/fused.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_fused.c")
+FLAGS = os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+_lib: ctypes.CDLL | None = None
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def unsupported_reason() -> str | None:
+    """None when the kernel can run on this machine, else a one-line reason."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if "avx512_bf16" not in flags.split():
+        return "the CPU has no AVX512-BF16"
+    if compiler() is None:
+        return "no C compiler (cc/gcc) on PATH"
+    return None
+
+
+def load(build_dir: str) -> ctypes.CDLL:
+    """Compile (once, atomically) and load the kernel library; raises RuntimeError if it cannot."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    reason = unsupported_reason()
+    if reason:
+        raise RuntimeError(f"fused CPU kernel unavailable: {reason}")
+    with open(SOURCE, "rb") as f:
+        tag = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    path = os.path.join(build_dir, f"cpu_fused-{tag}.so")
+    if not os.path.exists(path):
+        os.makedirs(build_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so")
+        os.close(fd)
+        res = subprocess.run([compiler(), *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling {SOURCE} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # concurrent builders race harmlessly: same bytes
+    import torch  # noqa: F401  (libgomp.so.1 must be torch's, loaded first)
+
+    lib = ctypes.CDLL(path)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.fused_forward.restype = i
+    lib.fused_forward.argtypes = [p, p, p, p, p, p, p, i, p, p, p, p, p, i, p, p, p, i, i, p, p, p]
+    lib.fused_alloc.restype = p
+    lib.fused_alloc.argtypes = [ctypes.c_uint64]
+    lib.fused_free.argtypes = [p]
+    _lib = lib
+    return lib

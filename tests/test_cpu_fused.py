@@ -1,0 +1,155 @@
+"""The fused CPU forward (kernels/cpu_fused.c via engine/fused.py).
+
+Oracles: transformers' fp32 logits (the fused bf16 path must be no less accurate than
+the torch bf16 path), the engine's fp32 torch path on random configs (paged attention
+with trees and several sequences), and decoding the accepted path one token at a time
+(a tree row must give bit-identical results: that is what keeps speculation lossless).
+Skipped, with the reason, on machines without AVX512-BF16 or a C compiler.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_llama_dir
+from engine.fused import FusedDecoder
+from engine.runner import ModelRunner, SeqInput, build_model_input
+from kernels.cpu_fused import unsupported_reason
+
+pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused CPU kernel: {unsupported_reason()}")
+
+
+def run(runner: ModelRunner, seqs: list[SeqInput]):
+    return runner.execute(build_model_input(seqs, runner.block_size))
+
+
+def chunked_logits(runner: ModelRunner, ids: list[int], split: int, table: list[int]) -> torch.Tensor:
+    """Prefill ids[:split], then feed 1-, 3- and 5-token chunks; logits [len(ids), V]."""
+    out, pos, sizes = [], 0, [split] + [1, 3, 5] * len(ids)
+    for c in sizes:
+        if pos >= len(ids):
+            break
+        toks = ids[pos: pos + c]
+        out.append(run(runner, [SeqInput(toks, list(range(pos, pos + len(toks))), table, pos,
+                                         logits_rows=list(range(len(toks))))]).logits)
+        pos += len(toks)
+    return torch.cat(out)
+
+
+def test_default_model_bf16_fused_is_as_accurate_as_torch_bf16(default_dir, hf_model, tokenizer):
+    fused = ModelRunner(default_dir, "bfloat16")
+    torch_bf16 = ModelRunner(default_dir, "bfloat16", fused=False)
+    assert fused.fused is not None and torch_bf16.fused is None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = ids + tokenizer.encode(" The Danube, the Rhine and the Seine are three of them, and")
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    ids = list(ids)
+    errs, agree = [], []
+    for r in (fused, torch_bf16):
+        r.allocate_kv(32, 16)
+        out = chunked_logits(r, ids, 20, [5, 2, 9, 0, 7])  # 20 rows: the fused path prefills too
+        errs.append((out - ref).abs().max().item())
+        agree.append((out.argmax(-1) == ref.argmax(-1)).float().mean().item())
+    print("max |logit - fp32| fused, torch bf16:", errs, "argmax agreement:", agree)
+    assert errs[0] <= 1.25 * errs[1], errs
+    assert agree[0] >= agree[1] - 0.05 and agree[0] >= 0.85, agree
+
+
+@pytest.mark.parametrize("hidden,heads,kv_heads,block_size", [(96, 6, 2, 4), (80, 5, 1, 3)])
+def test_random_config_trees_and_batches_match_fp32_torch(tmp_path, hidden, heads, kv_heads, block_size):
+    """Two sequences in one forward, one a draft tree and one a causal chunk, over paged
+    blocks; hidden 80 exercises the masked tail of the GEMV (80 is not a multiple of 32)."""
+    d = random_llama_dir(str(tmp_path), hidden=hidden, heads=heads, kv_heads=kv_heads, layers=3, tie=False)
+    fused, ref = ModelRunner(d, "bfloat16"), ModelRunner(d, "float32")
+    assert fused.fused is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 319, (60,), generator=g).tolist()
+    tables = [[3, 9, 1, 14, 6, 11, 0, 8], [2, 13, 5, 7, 12, 4, 10, 15]]
+    parents = [-1, 0, 0, 1, 1, 2, 4]
+    outs = []
+    for r in (fused, ref):
+        r.allocate_kv(16, block_size)
+        run(r, [SeqInput(ids[:9], list(range(9)), tables[0], 0), SeqInput(ids[20:31], list(range(11)), tables[1], 0)])
+        depth = [0, 1, 1, 2, 2, 2, 3]
+        o = run(r, [SeqInput(ids[40:47], [9 + x for x in depth], tables[0], 9, tree_parents=parents,
+                             logits_rows=list(range(7))),
+                    SeqInput(ids[31:35], list(range(11, 15)), tables[1], 11, logits_rows=list(range(4)))])
+        outs.append(o)
+    a, b = outs
+    scale = b.logits.abs().max().item()
+    assert (a.logits - b.logits).abs().max().item() <= 0.03 * scale
+    assert (a.logits.argmax(-1) == b.logits.argmax(-1)).float().mean().item() >= 0.9
+    assert (a.hidden.float() - b.hidden).abs().max().item() <= 0.05 * b.hidden.abs().max().item()
+
+
+def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir):
+    """Verifying a tree in one forward gives, for each node, exactly the logits and hidden
+    state of decoding its root-to-node path one token at a time (with another sequence
+    sharing the forward), so greedy speculation reproduces plain decoding bit for bit."""
+    r = ModelRunner(default_dir, "bfloat16")
+    r.allocate_kv(32, 16)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 49152, (23,), generator=g).tolist()
+    tree = torch.randint(0, 49152, (6,), generator=g).tolist()
+    parents, depth = [-1, 0, 0, 1, 3, 2], [0, 1, 1, 2, 3, 2]
+    a_table, b_table, other = [0, 1, 2], [3, 4, 5], [6, 7]
+    for table in (a_table, b_table):  # the same prefix twice: identical cache contents
+        run(r, [SeqInput(prefix, list(range(23)), table, 0)])
+    run(r, [SeqInput(prefix[:5], list(range(5)), other, 0)])
+    t = run(r, [SeqInput(tree, [23 + x for x in depth], a_table, 23, tree_parents=parents, logits_rows=list(range(6))),
+                SeqInput(prefix[5:6], [5], other, 5)])
+    for node in (4, 5):  # path 0-1-3-4 and path 0-2-5
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        path.reverse()
+        table = list(b_table)
+        for i, n in enumerate(path):
+            out = run(r, [SeqInput([tree[n]], [23 + i], table, 23 + i)])
+            assert torch.equal(out.logits[0], t.logits[n]), (node, n)
+            assert torch.equal(out.hidden[0], t.hidden[n]), (node, n)
+    assert t.logits.shape == (7, 49152) and t.hidden.dtype == torch.bfloat16  # 6 tree rows + the other sequence
+
+
+def test_fused_only_where_it_applies(tmp_path, monkeypatch):
+    d = random_llama_dir(str(tmp_path), layers=1)
+    assert ModelRunner(d, "float32").fused is None  # fp32 keeps the torch path
+    monkeypatch.setenv("TREESPEC_CPU_KERNEL", "torch")
+    assert ModelRunner(d, "bfloat16").fused is None
+    monkeypatch.delenv("TREESPEC_CPU_KERNEL")
+    r = ModelRunner(d, "bfloat16")
+    assert isinstance(r.fused, FusedDecoder)
+    # rows past max_rows (a long prefill chunk) take the torch path and still agree
+    r.allocate_kv(32, 4)
+    ids = list(range(1, 41))
+    long = run(r, [SeqInput(ids, list(range(40)), list(range(10)), 0, logits_rows=[39])]).logits
+    r.allocate_kv(32, 4)
+    short = chunked_logits(r, ids, 8, list(range(10)))[-1:]
+    assert (long - short).abs().max().item() <= 0.03 * long.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_bf16_speculation_equals_plain_greedy(default_dir, tokenizer, chat_prompts, kind):
+    """With the fused path, bf16 speculation (the CPU default) is lossless bit for bit:
+    the shipped drafters' output equals plain bf16 greedy decoding, token for token."""
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from engine.engine import LLMEngine
+    from engine.executor import InProcessExecutor
+    from engine.sampling import SamplingParams
+
+    executor = InProcessExecutor(default_dir, "bfloat16")
+    assert executor.runner.fused is not None
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    prompts = chat_prompts[:3]
+    plain = LLMEngine(EngineConfig(dtype="bfloat16", num_blocks=128, max_num_seqs=2), executor, None, tokenizer)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    cfg = EngineConfig(dtype="bfloat16", num_blocks=128, max_num_seqs=2, speculation=kind, tree_budget=8)
+    engine = LLMEngine(cfg, executor, load_drafter(cfg, default_dir, executor), tokenizer)
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    steps = sum(o.seq.stats.verify_steps for o in outs)
+    assert sum(o.seq.stats.committed for o in outs) / steps > 1.3  # drafts were really accepted
+    assert engine.kv_blocks_used == 0
