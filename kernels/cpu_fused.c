@@ -31,6 +31,9 @@ typedef uint16_t bf16;
  * prefetcher alone leaves one core's stream at ~11 GB/s; 32 KiB ahead reaches ~29 GB/s on
  * two cores, and with DRAM reads in flight during the dot products, 8 rows cost about what
  * one does (16-32 KiB ahead measured best; L1 as the target was slower). */
+#ifndef KV_AHEAD
+#define KV_AHEAD 16  /* keys */
+#endif
 #ifndef PF_ELEMS
 #define PF_ELEMS 16384
 #endif
@@ -77,6 +80,19 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* Four dot products' fp32 lanes summed as one 4-wide result; reduce1 gives, bit for bit,
+ * the lane reduce4 would give the same vector, so a score never depends on which
+ * other keys shared its tile (tree rows must match decoding their path exactly). */
+static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m256 h[4];
+    __m512 a[4] = {a0, a1, a2, a3};
+    for (int i = 0; i < 4; i++)
+        h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 /* ---- GEMV: Y[m][r] = W[r] . X[m] for a few rows m ------------------------------------ */
 
 /* R weight rows x MC input rows, all of K; R and MC are constants after inlining, so
@@ -109,15 +125,7 @@ static inline __attribute__((always_inline)) void dot_tile(
         }
     }
     if (R == 4) {  /* 4 sums per input row at once: ~half the shuffles of 4 reduce_adds */
-        for (int j = 0; j < MC; j++) {
-            __m256 h[4];
-            for (int i = 0; i < 4; i++)
-                h[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]),
-                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1)));
-            __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            _mm_storeu_ps(Y + (size_t)j * ldy, q);
-        }
+        for (int j = 0; j < MC; j++) _mm_storeu_ps(Y + (size_t)j * ldy, reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
     } else {
         for (int i = 0; i < R; i++)
             for (int j = 0; j < MC; j++) Y[(size_t)j * ldy + i] = _mm512_reduce_add_ps(acc[i][j]);
@@ -176,10 +184,77 @@ static void rope_head(float* v, const float* cs, const float* sn, int half) {
     }
 }
 
-static inline float dot_q_k(const float* q, const bf16* k, int D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16_bf16(k + d), acc);
-    return _mm512_reduce_add_ps(acc);
+/* sc[j * ld + i] = scale * (q_j . K_i): G bf16 queries [G, D] against the n keys at cache
+ * slots ks (row `stride` elements apart from kbase), four keys per tile. */
+static void qk_scores(const bf16* q, int G, const bf16* kbase, const int64_t* ks, int64_t stride, int n, int D,
+                      float scale, float* sc, int ld) {
+    for (int i = 0; i < n; i += 4) {
+        const int nk = n - i < 4 ? n - i : 4;
+        const bf16* kp[4];
+        for (int c = 0; c < 4; c++) kp[c] = kbase + ks[i + (c < nk ? c : 0)] * stride;
+        /* KV rows are scattered over the cache and cold (the weights stream evicts them):
+         * fetch a few tiles ahead instead of waiting on each row's misses. */
+        for (int c = i + KV_AHEAD; c < i + KV_AHEAD + 4 && c < n; c++)
+            for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c] * stride + d), _MM_HINT_T0);
+        for (int j0 = 0; j0 < G; j0 += 4) {
+            const int nq = G - j0 < 4 ? G - j0 : 4;
+            __m512 acc[4][4];
+            for (int c = 0; c < 4; c++)
+                for (int j = 0; j < 4; j++) acc[c][j] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 32) {
+                __mmask32 m = D - d >= 32 ? 0xffffffffu : (__mmask32)((1u << (D - d)) - 1);
+                __m512i kv[4];
+                for (int c = 0; c < 4; c++) kv[c] = _mm512_maskz_loadu_epi16(m, kp[c] + d);
+                for (int j = 0; j < nq; j++) {
+                    __m512i x = _mm512_maskz_loadu_epi16(m, q + (size_t)(j0 + j) * D + d);
+                    for (int c = 0; c < 4; c++) acc[c][j] = _mm512_dpbf16_ps(acc[c][j], (__m512bh)kv[c], (__m512bh)x);
+                }
+            }
+            for (int j = 0; j < nq; j++) {
+                float v[4];
+                _mm_storeu_ps(v, reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+                for (int c = 0; c < nk; c++) sc[(size_t)(j0 + j) * ld + i + c] = v[c] * scale;
+            }
+        }
+    }
+}
+
+/* In place: sc[0..n) -> softmax(sc). */
+static void softmax(float* sc, int n) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), _mm512_set1_ps(mx))));
+        _mm512_mask_storeu_ps(sc + i, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int i = 0; i < n; i++) sc[i] *= inv;
+}
+
+/* out[j * D + d] (+)= sum_i p[j * ld + i] * V_i[d] for G queries, V rows at slots ks; each
+ * V row is converted once for all G queries. accumulate: continue the sums already in out
+ * (the same fma chain as one call over both key lists: fp32 stores and loads are exact). */
+static void weighted_values(const float* p, int ld, int G, const bf16* vbase, const int64_t* ks, int64_t stride,
+                            int n, int D, float* out, int accumulate) {
+    for (int d = 0; d < D; d += 16) {
+        for (int j0 = 0; j0 < G; j0 += 8) {
+            const int nq = G - j0 < 8 ? G - j0 : 8;
+            __m512 acc[8];
+            for (int j = 0; j < 8; j++)
+                acc[j] = accumulate && j < nq ? _mm512_loadu_ps(out + (size_t)(j0 + j) * D + d) : _mm512_setzero_ps();
+            for (int i = 0; i < n; i++) {
+                if (d == 0 && j0 == 0 && i + KV_AHEAD < n)
+                    for (int e = 0; e < D; e += 32) _mm_prefetch((const char*)(vbase + ks[i + KV_AHEAD] * stride + e), _MM_HINT_T0);
+                __m512 v = load16_bf16(vbase + ks[i] * stride + d);
+                for (int j = 0; j < nq; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)(j0 + j) * ld + i]), v, acc[j]);
+            }
+            for (int j = 0; j < nq; j++) _mm512_storeu_ps(out + (size_t)(j0 + j) * D + d, acc[j]);
+        }
+    }
 }
 
 /* ---- the forward -------------------------------------------------------------------- */
@@ -217,24 +292,64 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
     const int QKV = (NH + 2 * NKV) * D, half = D / 2, group = NH / NKV;
     const int XB = H > NH * D ? H : NH * D;
 
-    /* Keys a row can see: its sequence's prefix plus that sequence's new rows. */
-    int max_keys = 1;
-    for (int r = 0; r < M; r++) {
-        int b = row_seq[r];
-        int k = context_lens[b] + qsl[b + 1] - qsl[b];
-        if (k > max_keys) max_keys = k;
+    /* Key lists, the same for every layer: each sequence's prefix slots (shared by all its
+     * rows) and each row's visible new slots (itself and, in a tree, its ancestors). */
+    int B = 0;
+    for (int r = 0; r < M; r++) B = row_seq[r] + 1 > B ? row_seq[r] + 1 : B;
+    int64_t n_prefix = 0, max_ctx = 0, max_new = 1;
+    for (int b = 0; b < B; b++) {
+        n_prefix += context_lens[b];
+        max_ctx = context_lens[b] > max_ctx ? context_lens[b] : max_ctx;
+        max_new = qsl[b + 1] - qsl[b] > max_new ? qsl[b + 1] - qsl[b] : max_new;
     }
+    int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
+    int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
+    int64_t* own_slots = malloc(sizeof(int64_t) * (size_t)M * max_new);
+    int* own_n = malloc(sizeof(int) * M);
+    /* Units of attention work: (sequence, KV head, part of its rows); a tree's rows are
+     * split in T parts so every thread has work, and each part reads the prefix once. */
+    int* units = malloc(sizeof(int) * 4 * (size_t)(B * NKV * T + 1));
+    if (!prefix_slots || !prefix_at || !own_slots || !own_n || !units) {
+        free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
+        return -1;
+    }
+    int n_units = 0, max_part = 1;
+    prefix_at[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int32_t* bt = block_tables + (size_t)b * max_blocks;
+        int64_t* ps = prefix_slots + prefix_at[b];
+        for (int p = 0; p < context_lens[b]; p++) ps[p] = (int64_t)bt[p / BS] * BS + p % BS;
+        prefix_at[b + 1] = prefix_at[b] + context_lens[b];
+        const int first = qsl[b], n_new = qsl[b + 1] - first;
+        for (int r = first; r < first + n_new; r++) {
+            own_n[r] = 0;
+            for (int j = 0; j < n_new; j++) {
+                int sees = tree_mask ? tree_mask[(size_t)r * mask_cols + j] : (first + j <= r);
+                if (sees) own_slots[(size_t)r * max_new + own_n[r]++] = slots[first + j];
+            }
+        }
+        const int parts = n_new < T ? n_new : T, per = (n_new + parts - 1) / parts;
+        max_part = per > max_part ? per : max_part;
+        for (int kvh = 0; kvh < NKV; kvh++)
+            for (int r0 = first; r0 < first + n_new; r0 += per) {
+                int* u = units + 4 * n_units++;
+                u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r0 + per < first + n_new ? r0 + per : first + n_new;
+            }
+    }
+    const int max_keys = (int)(max_ctx + max_new);
     float* x = malloc(sizeof(float) * M * H);              /* residual stream */
     float* y = malloc(sizeof(float) * M * (QKV > 2 * I ? QKV : 2 * I));  /* GEMV outputs */
     float* o = malloc(sizeof(float) * M * H);
-    float* attn = malloc(sizeof(float) * M * NH * D);
     bf16* xb = malloc(sizeof(bf16) * M * XB);              /* bf16 GEMV input */
     bf16* act = malloc(sizeof(bf16) * M * I);              /* SwiGLU output */
     float* cs = malloc(sizeof(float) * M * half * 2);      /* cos, sin per row */
-    float* scores = malloc(sizeof(float) * (size_t)T * (max_keys + 16));
-    int64_t* keys = malloc(sizeof(int64_t) * (size_t)T * max_keys);
-    if (!x || !y || !o || !attn || !xb || !act || !cs || !scores || !keys) {
-        free(x); free(y); free(o); free(attn); free(xb); free(act); free(cs); free(scores); free(keys);
+    const int ld = (max_keys + 16) / 16 * 16, QU = max_part * group;  /* one query's scores; queries per unit */
+    float* scores = malloc(sizeof(float) * (size_t)T * QU * ld);
+    bf16* qbuf = malloc(sizeof(bf16) * (size_t)T * QU * D);
+    float* obuf = malloc(sizeof(float) * (size_t)T * QU * D);
+    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf) {
+        free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
+        free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
         return -1;
     }
     for (int r = 0; r < M; r++) {
@@ -250,8 +365,9 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num();
-        float* sc = scores + (size_t)t * (max_keys + 16);
-        int64_t* ks = keys + (size_t)t * max_keys;
+        float* sc = scores + (size_t)t * QU * ld;
+        bf16* qb = qbuf + (size_t)t * QU * D;
+        float* ob = obuf + (size_t)t * QU * D;
         for (int l = 0; l < L; l++) {
             const Share* sh = shares + (size_t)4 * l * T;
             bf16* kc = kv + (size_t)l * layer_slots * NKV * D;
@@ -270,40 +386,29 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
                 to_bf16(row + NH * D, kc + at, NKV * D);
                 to_bf16(row + (NH + NKV) * D, vc + at, NKV * D);
             }
-#pragma omp for schedule(static)
-            for (int u = 0; u < M * NH; u++) {  /* one (row, query head) per iteration */
-                const int r = u / NH, h = u % NH, kvh = h / group, b = row_seq[r];
-                const int ctx = context_lens[b], first = qsl[b], n_new = qsl[b + 1] - first;
-                const int32_t* bt = block_tables + (size_t)b * max_blocks;
-                int n = 0;
-                for (int p = 0; p < ctx; p++) ks[n++] = (int64_t)bt[p / BS] * BS + p % BS;
-                for (int j = 0; j < n_new; j++) {
-                    int sees = tree_mask ? tree_mask[(size_t)r * mask_cols + j] : (first + j <= r);
-                    if (sees) ks[n++] = slots[first + j];
+#pragma omp for schedule(dynamic, 1)
+            for (int u = 0; u < n_units; u++) {
+                const int b = units[4 * u], kvh = units[4 * u + 1], r0 = units[4 * u + 2], nr = units[4 * u + 3] - r0;
+                const int ctx = context_lens[b], Q = nr * group;
+                const int64_t* ps = prefix_slots + prefix_at[b];
+                const bf16* kb = kc + kvh * D;
+                const bf16* vb = vc + kvh * D;
+                for (int i = 0; i < nr; i++)  /* queries: the group's heads of each row, bf16 */
+                    to_bf16(y + (size_t)(r0 + i) * QKV + kvh * group * D, qb + (size_t)i * group * D, group * D);
+                qk_scores(qb, Q, kb, ps, NKV * D, ctx, D, scale, sc, ld);
+                for (int i = 0; i < nr; i++) {
+                    const int r = r0 + i;
+                    qk_scores(qb + (size_t)i * group * D, group, kb, own_slots + (size_t)r * max_new, NKV * D, own_n[r],
+                              D, scale, sc + (size_t)i * group * ld + ctx, ld);
+                    for (int j = 0; j < group; j++) softmax(sc + (size_t)(i * group + j) * ld, ctx + own_n[r]);
                 }
-                const float* q = y + (size_t)r * QKV + h * D;
-                float mx = -INFINITY;
-                for (int i = 0; i < n; i++) {
-                    sc[i] = dot_q_k(q, kc + (size_t)ks[i] * NKV * D + kvh * D, D) * scale;
-                    if (sc[i] > mx) mx = sc[i];
+                weighted_values(sc, ld, Q, vb, ps, NKV * D, ctx, D, ob, 0);
+                for (int i = 0; i < nr; i++) {
+                    const int r = r0 + i;
+                    weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + (size_t)r * max_new,
+                                    NKV * D, own_n[r], D, ob + (size_t)i * group * D, 1);
+                    to_bf16(ob + (size_t)i * group * D, xb + (size_t)r * NH * D + kvh * group * D, group * D);
                 }
-                __m512 sum = _mm512_setzero_ps();
-                for (int i = 0; i < n; i += 16) {
-                    __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-                    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), _mm512_set1_ps(mx)));
-                    e = _mm512_maskz_mov_ps(m, e);
-                    _mm512_mask_storeu_ps(sc + i, m, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-                float* out = attn + (size_t)r * NH * D + h * D;
-                for (int d = 0; d < D; d += 16) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int i = 0; i < n; i++)
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[i]), load16_bf16(vc + (size_t)ks[i] * NKV * D + kvh * D + d), acc);
-                    _mm512_storeu_ps(out + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
-                }
-                to_bf16(out, xb + (size_t)r * NH * D + h * D, D);
             }
             gemv_share(&sh[1 * T + t], NH * D, xb, NH * D, M, o, H);
 #pragma omp barrier
@@ -337,7 +442,8 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
             memcpy(xb + (size_t)i * H, hidden_out + (size_t)logit_rows[i] * H, sizeof(bf16) * H);
         if (R > 0) gemv_share(&shares[(size_t)4 * L * T + t], H, xb, H, R, logits, V);
     }
-    free(x); free(y); free(o); free(attn); free(xb); free(act); free(cs); free(scores); free(keys);
+    free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
+    free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
     return 0;
 }
 
