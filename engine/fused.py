@@ -1,14 +1,15 @@
-"""The fused CPU forward for decode and verification steps (kernels/cpu_fused.c).
+"""The fused CPU forward for decode, verification and EAGLE drafting (kernels/cpu_fused.c).
 
 A one-token decode step of a small model on a CPU is bound by reading every weight
-once; the eager torch path adds ~2,000 small ops on top. ``FusedDecoder`` copies a
-bf16, single-rank model's matrices into one arena per thread (each thread's rows of
-every matrix, in the order the forward uses them) and runs a whole forward for a few
-rows in one C call. Prefill chunks longer than ``max_rows`` stay on the torch path,
-where oneDNN's GEMMs are compute-bound and faster.
+once; the eager torch path adds ~2,000 small ops on top. ``FusedModel`` copies a
+bf16 model's matrices into one arena per thread (each thread's rows of every matrix,
+in the order the forward uses them) and runs a whole forward for a few rows in one C
+call. Prefill chunks longer than ``max_rows`` stay on the torch path, where oneDNN's
+GEMMs are compute-bound and faster.
 
-Use ``FusedDecoder.create(model)``: it returns None (and the caller keeps torch) when
-the model or machine does not qualify, or when ``TREESPEC_CPU_KERNEL=torch``.
+``FusedModel.for_target(model, build_dir)`` packs the target (None, and the caller
+keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);
+``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head.
 """
 from __future__ import annotations
 
@@ -21,65 +22,99 @@ from kernels import cpu_fused
 
 MAX_ROWS = 32  # more rows than this: oneDNN's packed GEMMs win (compute-bound)
 
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-def fused_disabled_reason(model) -> str | None:
-    """None when ``model`` can run fused here, else why not."""
+class _Model(ctypes.Structure):  # mirrors `Model` in kernels/cpu_fused.c
+    _fields_ = [(n, _i64) for n in ("hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab",
+                                     "threads", "fc_in")] + [
+        ("eps", _f32), ("scale", _f32),
+        ("shares", _ptr), ("norms", _ptr), ("embed", _ptr), ("inv_freq", _ptr), ("fc_bias", _ptr)]
+
+
+class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
+    _fields_ = [
+        ("kv", _ptr), ("num_blocks", _i64), ("block_size", _i64), ("M", _i64),
+        ("ids", _ptr), ("positions", _ptr), ("slots", _ptr), ("row_seq", _ptr),
+        ("block_tables", _ptr), ("max_blocks", _i64), ("context_lens", _ptr), ("qsl", _ptr),
+        ("tree_mask", _ptr), ("mask_cols", _i64), ("vis_ptr", _ptr), ("vis_slots", _ptr), ("inputs", _ptr),
+        ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr)]
+
+
+def fused_disabled_reason(weight: torch.Tensor, head_dim: int, heads: int, kv_heads: int,
+                          world_size: int = 1) -> str | None:
+    """None when a model with this weight dtype/device and shape can run fused here, else why not."""
     if os.environ.get("TREESPEC_CPU_KERNEL", "auto") == "torch":
         return "TREESPEC_CPU_KERNEL=torch"
-    cfg = model.config
-    w = model.lm_head.weight
-    if w.device.type != "cpu" or w.dtype != torch.bfloat16:
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return "needs a bf16 CPU model"
-    if model.tp.world_size != 1:
+    if world_size != 1:
         return "needs tensor-parallel world size 1"
-    if cfg.head_dim % 16 or cfg.num_attention_heads % cfg.num_key_value_heads:
+    if head_dim % 16 or heads % kv_heads:
         return "needs head_dim % 16 == 0 and whole GQA groups"
     return cpu_fused.unsupported_reason()
 
 
-class FusedDecoder:
-    """Packs a bf16 LlamaForCausalLM (world size 1) and runs forwards of <= max_rows rows."""
+def _t(x) -> int:
+    return 0 if x is None else x.data_ptr()
 
-    def __init__(self, model, threads: int, build_dir: str, max_rows: int = MAX_ROWS):
+
+class FusedModel:
+    """Packed weights of a Llama decoder or an EAGLE drafter, and its fused forward.
+
+    layers: per layer (qkv [QKV, H], o [H, heads * D], gate_up [2I, H], down [H, I],
+    input norm [H], post-attention norm [H]); head [V, H]; final_norm [H] or None;
+    fc [H, fc_in] and fc_bias [H] for an EAGLE input projection, else None.
+    """
+
+    def __init__(self, build_dir: str, threads: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                 eps: float, layers: list, head: torch.Tensor, final_norm, embed, inv_freq: torch.Tensor,
+                 fc=None, fc_bias=None, max_rows: int = MAX_ROWS):
         self.lib = cpu_fused.load(build_dir)
-        self.model, self.threads, self.max_rows = model, threads, max_rows
-        cfg = model.config
-        self.hidden, self.vocab = cfg.hidden_size, cfg.vocab_size
-        layers = model.layers
+        self.threads, self.max_rows = threads, max_rows
+        self.hidden, self.vocab = hidden, head.shape[0]
         mats = []  # (weight [N, K], pair) in forward order; pair: gate/up halves split together
-        for layer in layers:
-            mats += [(layer.self_attn.qkv_proj.weight, False), (layer.self_attn.o_proj.weight, False),
-                     (layer.mlp.gate_up_proj.weight, True), (layer.mlp.down_proj.weight, False)]
-        mats.append((model.lm_head.weight, False))
+        for qkv, o, gate_up, down, _, _ in layers:
+            mats += [(qkv, False), (o, False), (gate_up, True), (down, False)]
+        mats.append((head, False))
+        mats.append((fc if fc is not None else torch.zeros(4, 32, dtype=torch.bfloat16), False))
+        self._pack(mats)
+        self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
+        self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
+        self.norm_ptrs = torch.tensor([_t(t) for t in self.keep], dtype=torch.int64)
+        self.embed = embed.detach().contiguous() if embed is not None else None
+        self.inv_freq = inv_freq.float().contiguous()
+        self.fc_bias = fc_bias.detach().to(torch.bfloat16).contiguous() if fc_bias is not None else None
+        intermediate = layers[0][3].shape[1]
+        self.model = _Model(hidden, heads, kv_heads, head_dim, intermediate, len(layers), self.vocab, threads,
+                            0 if fc is None else fc.shape[1], eps, head_dim ** -0.5,
+                            _t(self.shares), _t(self.norm_ptrs), _t(self.embed), _t(self.inv_freq), _t(self.fc_bias))
+
+    def _pack(self, mats) -> None:
+        threads = self.threads
 
         def split(n: int) -> list[int]:  # thread bounds, on multiples of 4 rows (the GEMV tile)
             return [0] + [min(n, (n * t // threads + 3) // 4 * 4) for t in range(1, threads)] + [n]
 
-        sizes = [0] * threads
-        plan = []  # per matrix, per thread: (rows, out0, n0, out1, n1)
+        sizes, plan = [0] * threads, []
         for w, pair in mats:
             n, k = w.shape
             half = n // 2 if pair else n
             b = split(half)
             per = []
             for t in range(threads):
-                lo, hi = b[t], b[t + 1]
-                segs = [(lo, hi), (half + lo, half + hi)] if pair else [(lo, hi)]
+                segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
                 per.append(segs)
                 sizes[t] += sum(h - l for l, h in segs) * k
             plan.append(per)
-        # One arena per thread, on huge pages; kept alive by self.arenas.
+        # One arena per thread, on huge pages; freed in __del__.
         self.arenas, self._raw = [], []
         for t in range(threads):
-            addr = self.lib.fused_alloc(sizes[t] * 2)
+            addr = self.lib.fused_alloc(max(sizes[t], 1) * 2)
             if not addr:
                 raise MemoryError("fused_alloc failed")
             self._raw.append(addr)
-            buf = (ctypes.c_char * (sizes[t] * 2)).from_address(addr)
+            buf = (ctypes.c_char * (max(sizes[t], 1) * 2)).from_address(addr)
             self.arenas.append(torch.frombuffer(buf, dtype=torch.bfloat16))
         shares = torch.zeros(len(mats) * threads, 5, dtype=torch.int64)
         offsets = [0] * threads
@@ -87,8 +122,7 @@ class FusedDecoder:
             for m, ((w, _), per) in enumerate(zip(mats, plan)):
                 k = w.shape[1]
                 for t, segs in enumerate(per):
-                    start = offsets[t]
-                    row = [self.arenas[t].data_ptr() + 2 * start]
+                    row = [self.arenas[t].data_ptr() + 2 * offsets[t]]
                     for lo, hi in segs:
                         n = hi - lo
                         self.arenas[t][offsets[t]: offsets[t] + n * k] = w[lo:hi].reshape(-1)
@@ -97,52 +131,80 @@ class FusedDecoder:
                     row += [0, 0] * (2 - len(segs))
                     shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
         self.shares = shares
-        self.norms = [t.detach().contiguous() for layer in layers
-                      for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
-        self.norms.append(model.model.norm.weight.detach().contiguous())
-        self.norm_ptrs = torch.tensor([_ptr(t) for t in self.norms], dtype=torch.int64)
-        self.embed = model.model.embed_tokens.weight.detach().contiguous()
-        self.inv_freq = model.model.rope.inv_freq.float().contiguous()
-        self.eps_scale = torch.tensor([cfg.rms_norm_eps, cfg.head_dim ** -0.5], dtype=torch.float32)
-        self.cfg = [cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                    cfg.intermediate_size, len(layers), cfg.vocab_size, threads]
-
-    @classmethod
-    def create(cls, model, build_dir: str, threads: int | None = None) -> "FusedDecoder | None":
-        threads = threads or torch.get_num_threads()
-        if fused_disabled_reason(model) is not None:
-            return None
-        return cls(model, threads, build_dir)
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):
             self.lib.fused_free(addr)
         self._raw = []
 
-    def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """inp: engine.runner.ModelInput with N <= max_rows rows; kv_cache: the runner's
-        bf16 [2, layers, blocks, block_size, kv_heads, head_dim] tensor.
-        Returns hidden bf16 [N, hidden] and logits fp32 [len(logits_indices), vocab]."""
-        n = len(inp.input_ids)
-        qsl = torch.tensor(inp.query_start_loc, dtype=torch.int32)
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def for_target(cls, model, build_dir: str, threads: int | None = None) -> "FusedModel | None":
+        """A bf16 engine.model.LlamaForCausalLM of world size 1, or None where it cannot run fused."""
+        cfg = model.config
+        if fused_disabled_reason(model.lm_head.weight, cfg.head_dim, cfg.num_attention_heads,
+                                 cfg.num_key_value_heads, model.tp.world_size):
+            return None
+        layers = [(L.self_attn.qkv_proj.weight, L.self_attn.o_proj.weight, L.mlp.gate_up_proj.weight,
+                   L.mlp.down_proj.weight, L.input_layernorm.weight, L.post_attention_layernorm.weight)
+                  for L in model.layers]
+        return cls(build_dir, threads or torch.get_num_threads(), hidden=cfg.hidden_size,
+                   heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                   eps=cfg.rms_norm_eps, layers=layers, head=model.lm_head.weight, final_norm=model.model.norm.weight,
+                   embed=model.model.embed_tokens.weight, inv_freq=model.model.rope.inv_freq)
+
+    @classmethod
+    def for_eagle(cls, model, head_weight: torch.Tensor, build_dir: str,
+                  threads: int | None = None) -> "FusedModel | None":
+        """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None."""
+        c = model.cfg
+        if fused_disabled_reason(model.fc.weight, c.head_dim, c.num_attention_heads, c.num_key_value_heads):
+            return None
+        with torch.no_grad():
+            layers = [(torch.cat([L.q_proj.weight, L.k_proj.weight, L.v_proj.weight]), L.o_proj.weight,
+                       L.mlp.gate_up_proj.weight, L.mlp.down_proj.weight, L.input_layernorm.weight,
+                       L.post_attention_layernorm.weight) for L in model.layers]
+        return cls(build_dir, threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
+                   kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, layers=layers,
+                   head=head_weight, final_norm=None, embed=None, inv_freq=model.rope.inv_freq,
+                   fc=model.fc.weight, fc_bias=model.fc.bias)
+
+    # ------------------------------------------------------------------ forwards
+
+    def run(self, kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_start_loc: list[int],
+            context_lens: list[int], block_tables: torch.Tensor, logit_rows: torch.Tensor, *, ids=None, inputs=None,
+            tree_mask=None, visible: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of N rows (shapes: ``Batch`` in kernels/cpu_fused.c).
+
+        kv: bf16 [2, layers, blocks, block_size, kv_heads, head_dim]; positions, slots: int64 [N];
+        ids: int64 [N] (a target) or inputs: bf16 [N, fc_in] (an EAGLE drafter); tree_mask: bool
+        [N, max_T] or None (causal); visible: per row, the slots it sees after its sequence's
+        context (overrides tree_mask). Returns hidden bf16 [N, hidden], logits fp32 [R, vocab].
+        """
+        n = len(positions)
+        qsl = torch.tensor(query_start_loc, dtype=torch.int32)
         row_seq = torch.repeat_interleave(torch.arange(len(qsl) - 1, dtype=torch.int32), qsl.diff())
-        ctx = torch.tensor(inp.context_lens, dtype=torch.int32)
-        tables = inp.block_tables.to(torch.int32).contiguous()
-        ids = inp.input_ids.contiguous()
-        pos = inp.positions.contiguous()
-        slots = inp.slot_mapping.contiguous()
-        mask = None if inp.tree_mask is None else inp.tree_mask.to(torch.uint8).contiguous()
-        rows = inp.logits_indices.contiguous()
-        cfg = torch.tensor(self.cfg + [kv_cache.shape[2], kv_cache.shape[3]], dtype=torch.int64)
+        ctx = torch.tensor(context_lens, dtype=torch.int32)
+        tables = block_tables.to(torch.int32).contiguous()
+        mask = None if tree_mask is None else tree_mask.to(torch.uint8).contiguous()
+        vis_ptr = vis_slots = None
+        if visible is not None:
+            vis_ptr = torch.tensor([0] + [len(v) for v in visible], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            vis_slots = torch.tensor([s for v in visible for s in v] or [0], dtype=torch.int64)
+        ids = None if ids is None else ids.contiguous()
+        inputs = None if inputs is None else inputs.to(torch.bfloat16).contiguous()
+        positions, slots, rows = positions.contiguous(), slots.contiguous(), logit_rows.contiguous()
         hidden = torch.empty(n, self.hidden, dtype=torch.bfloat16)
         logits = torch.empty(len(rows), self.vocab, dtype=torch.float32)
-        rc = self.lib.fused_forward(
-            _ptr(cfg), _ptr(self.eps_scale), _ptr(self.shares), _ptr(self.norm_ptrs),
-            _ptr(self.embed), _ptr(self.inv_freq), _ptr(kv_cache),
-            n, _ptr(ids), _ptr(pos), _ptr(slots), _ptr(row_seq), _ptr(tables), tables.shape[1],
-            _ptr(ctx), _ptr(qsl), None if mask is None else _ptr(mask), 0 if mask is None else mask.shape[1],
-            len(rows), _ptr(rows), _ptr(hidden), _ptr(logits),
-        )
-        if rc != 0:
+        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), _t(positions), _t(slots), _t(row_seq),
+                       _t(tables), tables.shape[1], _t(ctx), _t(qsl), _t(mask), 0 if mask is None else mask.shape[1],
+                       _t(vis_ptr), _t(vis_slots), _t(inputs), len(rows), _t(rows), _t(hidden), _t(logits))
+        if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits
+
+    def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows."""
+        return self.run(kv_cache, inp.positions, inp.slot_mapping, inp.query_start_loc, inp.context_lens,
+                        inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask)

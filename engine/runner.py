@@ -14,7 +14,7 @@ from engine.attention import AttentionMetadata
 from kernels.compaction import copy_slots
 from kernels.tree import ancestor_mask
 from engine.config import ModelConfig
-from engine.fused import FusedDecoder
+from engine.fused import FusedModel
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
 from engine.weights import cache_root, load_weights
@@ -137,7 +137,7 @@ class ModelRunner:
         # Decode and verify steps of a bf16 single-rank CPU model run as one C call.
         # fused=False keeps the torch path (comparisons); the kernel's own conditions are in
         # engine/fused.py (bf16, world size 1, AVX512-BF16, a C compiler).
-        self.fused = (FusedDecoder.create(self.model, os.path.join(cache_root(), "kernels"))
+        self.fused = (FusedModel.for_target(self.model, os.path.join(cache_root(), "kernels"))
                       if fused and load and self.device.type == "cpu" else None)
         self.block_size = 0
         self.num_blocks = 0

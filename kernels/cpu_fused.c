@@ -259,36 +259,62 @@ static void weighted_values(const float* p, int ld, int G, const bf16* vbase, co
 
 /* ---- the forward -------------------------------------------------------------------- */
 
-enum { C_HIDDEN, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_INTER, C_LAYERS, C_VOCAB, C_THREADS, C_BLOCKS,
-       C_BLOCK_SIZE, C_NCFG };
+/* A packed model: a Llama decoder (token embeddings in, final norm, LM head), or an
+ * EAGLE drafter (an input projection fc([embedding ; feature]) + bias in, no final norm,
+ * the draft head). */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, layers, vocab, threads;
+    int64_t fc_in;          /* 0, or the width of the rows the input projection reads */
+    float eps, scale;       /* RMSNorm epsilon, attention scale */
+    const Share* shares;    /* [(4 * layers + 2) * threads]: qkv, o, gate_up, down per layer; head; fc */
+    const uint64_t* norms;  /* [2 * layers + 1] addresses of bf16 [hidden] weights; the last 0: no final norm */
+    const bf16* embed;      /* bf16 [vocab, hidden] (unused with fc_in) */
+    const float* inv_freq;  /* fp32 [head_dim / 2] */
+    const bf16* fc_bias;    /* bf16 [hidden] or NULL */
+} Model;
 
-/* Returns 0, or -1 when scratch memory could not be allocated.
- *
- * cfg:          C_NCFG int64 (see the enum).
- * eps_scale:    [rms eps, attention scale].
- * shares:       [(4 * layers + 1) * threads] Share: qkv, o, gate_up, down per layer, then lm_head.
- * norms:        [2 * layers + 1] addresses of bf16 [hidden] weights (input, post-attention; final).
- * embed:        bf16 [vocab, hidden].   inv_freq: fp32 [head_dim / 2].
- * kv:           bf16 [2, layers, blocks, block_size, kv_heads, head_dim].
- * M rows:       ids, positions, slots int64 [M]; row_seq int32 [M] (sequence of each row).
- * B sequences:  block_tables int32 [B, max_blocks]; context_lens int32 [B]; qsl int32 [B + 1].
- * tree_mask:    NULL (causal within a sequence's new rows) or uint8 [M, mask_cols]: row r sees
- *               new row qsl[b] + j of its sequence when tree_mask[r][j].
- * R logit rows: logit_rows int64 [R] -> logits fp32 [R, vocab].
- * hidden_out:   bf16 [M, hidden], final-norm hidden states of every row.
- */
-int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* shares, const uint64_t* norms,
-                  const bf16* embed, const float* inv_freq, bf16* kv,
-                  int M, const int64_t* ids, const int64_t* positions, const int64_t* slots,
-                  const int32_t* row_seq, const int32_t* block_tables, int max_blocks,
-                  const int32_t* context_lens, const int32_t* qsl,
-                  const uint8_t* tree_mask, int mask_cols,
-                  int R, const int64_t* logit_rows, bf16* hidden_out, float* logits) {
-    const int H = (int)cfg[C_HIDDEN], NH = (int)cfg[C_HEADS], NKV = (int)cfg[C_KV_HEADS];
-    const int D = (int)cfg[C_HEAD_DIM], I = (int)cfg[C_INTER], L = (int)cfg[C_LAYERS];
-    const int V = (int)cfg[C_VOCAB], T = (int)cfg[C_THREADS];
-    const int64_t BS = cfg[C_BLOCK_SIZE], layer_slots = cfg[C_BLOCKS] * BS;
-    const float eps = eps_scale[0], scale = eps_scale[1];
+/* One forward: M rows of B sequences over a paged KV cache (layout: kernels/__init__.py).
+ * Row r of sequence b sees the b's context_lens[b] cached tokens, then either its own
+ * visible slots vis_slots[vis_ptr[r] .. vis_ptr[r + 1]) (when vis_ptr is set; in position
+ * order, itself last), or the new rows of its sequence that tree_mask allows (NULL:
+ * causal): tree_mask[r][j] lets it see row qsl[b] + j. */
+typedef struct {
+    bf16* kv;               /* bf16 [2, layers, num_blocks, block_size, kv_heads, head_dim] */
+    int64_t num_blocks, block_size;
+    int64_t M;
+    const int64_t* ids;     /* [M] token ids (unused with fc_in) */
+    const int64_t* positions, * slots;  /* [M] */
+    const int32_t* row_seq; /* [M] sequence of each row */
+    const int32_t* block_tables;  /* [B, max_blocks] */
+    int64_t max_blocks;
+    const int32_t* context_lens, * qsl;  /* [B], [B + 1] */
+    const uint8_t* tree_mask;  /* NULL or [M, mask_cols] */
+    int64_t mask_cols;
+    const int32_t* vis_ptr;    /* NULL or [M + 1] */
+    const int64_t* vis_slots;
+    const bf16* inputs;     /* [M, fc_in] with fc_in */
+    int64_t R;
+    const int64_t* logit_rows;  /* [R] -> logits fp32 [R, vocab] */
+    bf16* hidden_out;       /* [M, hidden]: final-norm (or, without one, last) hidden states */
+    float* logits;
+} Batch;
+
+/* Returns 0, or -1 when scratch memory could not be allocated. */
+int fused_forward(const Model* mdl, const Batch* bt_) {
+    const int H = (int)mdl->hidden, NH = (int)mdl->heads, NKV = (int)mdl->kv_heads;
+    const int D = (int)mdl->head_dim, I = (int)mdl->inter, L = (int)mdl->layers;
+    const int V = (int)mdl->vocab, T = (int)mdl->threads, FC = (int)mdl->fc_in;
+    const float eps = mdl->eps, scale = mdl->scale;
+    const Share* shares = mdl->shares;
+    const uint64_t* norms = mdl->norms;
+    const int M = (int)bt_->M, R = (int)bt_->R, max_blocks = (int)bt_->max_blocks, mask_cols = (int)bt_->mask_cols;
+    const int64_t BS = bt_->block_size, layer_slots = bt_->num_blocks * BS;
+    const int64_t* slots = bt_->slots, * positions = bt_->positions, * logit_rows = bt_->logit_rows;
+    const int32_t* row_seq = bt_->row_seq, * block_tables = bt_->block_tables;
+    const int32_t* context_lens = bt_->context_lens, * qsl = bt_->qsl;
+    const uint8_t* tree_mask = bt_->tree_mask;
+    bf16* kv = bt_->kv, * hidden_out = bt_->hidden_out;
+    float* logits = bt_->logits;
     const int QKV = (NH + 2 * NKV) * D, half = D / 2, group = NH / NKV;
     const int XB = H > NH * D ? H : NH * D;
 
@@ -296,21 +322,22 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
      * rows) and each row's visible new slots (itself and, in a tree, its ancestors). */
     int B = 0;
     for (int r = 0; r < M; r++) B = row_seq[r] + 1 > B ? row_seq[r] + 1 : B;
-    int64_t n_prefix = 0, max_ctx = 0, max_new = 1;
+    int64_t n_prefix = 0, max_new = 1;
     for (int b = 0; b < B; b++) {
         n_prefix += context_lens[b];
-        max_ctx = context_lens[b] > max_ctx ? context_lens[b] : max_ctx;
         max_new = qsl[b + 1] - qsl[b] > max_new ? qsl[b + 1] - qsl[b] : max_new;
     }
     int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
     int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
-    int64_t* own_slots = malloc(sizeof(int64_t) * (size_t)M * max_new);
+    const int64_t n_own = bt_->vis_ptr ? bt_->vis_ptr[M] : (int64_t)M * max_new;
+    int64_t* own_slots = malloc(sizeof(int64_t) * (n_own + 1));
+    int64_t* own_at = malloc(sizeof(int64_t) * (M + 1));
     int* own_n = malloc(sizeof(int) * M);
     /* Units of attention work: (sequence, KV head, part of its rows); a tree's rows are
      * split in T parts so every thread has work, and each part reads the prefix once. */
     int* units = malloc(sizeof(int) * 4 * (size_t)(B * NKV * T + 1));
-    if (!prefix_slots || !prefix_at || !own_slots || !own_n || !units) {
-        free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
+    if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units) {
+        free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
         return -1;
     }
     int n_units = 0, max_part = 1;
@@ -323,9 +350,16 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
         const int first = qsl[b], n_new = qsl[b + 1] - first;
         for (int r = first; r < first + n_new; r++) {
             own_n[r] = 0;
+            if (bt_->vis_ptr) {
+                own_at[r] = bt_->vis_ptr[r];
+                own_n[r] = bt_->vis_ptr[r + 1] - bt_->vis_ptr[r];
+                memcpy(own_slots + own_at[r], bt_->vis_slots + own_at[r], sizeof(int64_t) * own_n[r]);
+                continue;
+            }
+            own_at[r] = (int64_t)r * max_new;
             for (int j = 0; j < n_new; j++) {
                 int sees = tree_mask ? tree_mask[(size_t)r * mask_cols + j] : (first + j <= r);
-                if (sees) own_slots[(size_t)r * max_new + own_n[r]++] = slots[first + j];
+                if (sees) own_slots[own_at[r] + own_n[r]++] = slots[first + j];
             }
         }
         const int parts = n_new < T ? n_new : T, per = (n_new + parts - 1) / parts;
@@ -336,7 +370,9 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
                 u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r0 + per < first + n_new ? r0 + per : first + n_new;
             }
     }
-    const int max_keys = (int)(max_ctx + max_new);
+    int max_keys = 1;
+    for (int r = 0; r < M; r++)
+        if (context_lens[row_seq[r]] + own_n[r] > max_keys) max_keys = context_lens[row_seq[r]] + own_n[r];
     float* x = malloc(sizeof(float) * M * H);              /* residual stream */
     float* y = malloc(sizeof(float) * M * (QKV > 2 * I ? QKV : 2 * I));  /* GEMV outputs */
     float* o = malloc(sizeof(float) * M * H);
@@ -349,14 +385,16 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
     float* obuf = malloc(sizeof(float) * (size_t)T * QU * D);
     if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf) {
         free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
-        free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
+        free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
         return -1;
     }
     for (int r = 0; r < M; r++) {
-        const bf16* e = embed + (size_t)ids[r] * H;
-        for (int i = 0; i < H; i++) x[(size_t)r * H + i] = bf16_to_f32(e[i]);
+        if (!FC) {
+            const bf16* e = mdl->embed + (size_t)bt_->ids[r] * H;
+            for (int i = 0; i < H; i++) x[(size_t)r * H + i] = bf16_to_f32(e[i]);
+        }
         for (int i = 0; i < half; i++) {
-            float f = (float)positions[r] * inv_freq[i];  /* fp32 angle, as transformers computes it */
+            float f = (float)positions[r] * mdl->inv_freq[i];  /* fp32 angle, as transformers computes it */
             cs[(size_t)r * D + i] = cosf(f);
             cs[(size_t)r * D + half + i] = sinf(f);
         }
@@ -368,6 +406,15 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
         float* sc = scores + (size_t)t * QU * ld;
         bf16* qb = qbuf + (size_t)t * QU * D;
         float* ob = obuf + (size_t)t * QU * D;
+        if (FC) {  /* EAGLE: x = fc([embedding ; feature]) + bias */
+            gemv_share(&shares[(size_t)(4 * L + 1) * T + t], FC, bt_->inputs, FC, M, x, H);
+#pragma omp barrier
+            if (mdl->fc_bias) {
+#pragma omp for schedule(static)
+                for (int r = 0; r < M; r++)
+                    for (int i = 0; i < H; i++) x[(size_t)r * H + i] += bf16_to_f32(mdl->fc_bias[i]);
+            }
+        }
         for (int l = 0; l < L; l++) {
             const Share* sh = shares + (size_t)4 * l * T;
             bf16* kc = kv + (size_t)l * layer_slots * NKV * D;
@@ -398,14 +445,14 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
                 qk_scores(qb, Q, kb, ps, NKV * D, ctx, D, scale, sc, ld);
                 for (int i = 0; i < nr; i++) {
                     const int r = r0 + i;
-                    qk_scores(qb + (size_t)i * group * D, group, kb, own_slots + (size_t)r * max_new, NKV * D, own_n[r],
+                    qk_scores(qb + (size_t)i * group * D, group, kb, own_slots + own_at[r], NKV * D, own_n[r],
                               D, scale, sc + (size_t)i * group * ld + ctx, ld);
                     for (int j = 0; j < group; j++) softmax(sc + (size_t)(i * group + j) * ld, ctx + own_n[r]);
                 }
                 weighted_values(sc, ld, Q, vb, ps, NKV * D, ctx, D, ob, 0);
                 for (int i = 0; i < nr; i++) {
                     const int r = r0 + i;
-                    weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + (size_t)r * max_new,
+                    weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + own_at[r],
                                     NKV * D, own_n[r], D, ob + (size_t)i * group * D, 1);
                     to_bf16(ob + (size_t)i * group * D, xb + (size_t)r * NH * D + kvh * group * D, group * D);
                 }
@@ -435,15 +482,19 @@ int fused_forward(const int64_t* cfg, const float* eps_scale, const Share* share
                 for (int i = 0; i < H; i++) x[(size_t)r * H + i] += o[(size_t)r * H + i];
         }
 #pragma omp for schedule(static)
-        for (int r = 0; r < M; r++)
-            rms_norm_row(x + (size_t)r * H, (const bf16*)(uintptr_t)norms[2 * L], H, eps, hidden_out + (size_t)r * H);
+        for (int r = 0; r < M; r++) {
+            if (norms[2 * L])
+                rms_norm_row(x + (size_t)r * H, (const bf16*)(uintptr_t)norms[2 * L], H, eps, hidden_out + (size_t)r * H);
+            else
+                to_bf16(x + (size_t)r * H, hidden_out + (size_t)r * H, H);
+        }
 #pragma omp for schedule(static)
         for (int i = 0; i < R; i++)
             memcpy(xb + (size_t)i * H, hidden_out + (size_t)logit_rows[i] * H, sizeof(bf16) * H);
         if (R > 0) gemv_share(&shares[(size_t)4 * L * T + t], H, xb, H, R, logits, V);
     }
     free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
-    free(prefix_slots); free(prefix_at); free(own_slots); free(own_n); free(units);
+    free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
     return 0;
 }
 

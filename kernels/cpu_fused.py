@@ -68,7 +68,7 @@ def load(build_dir: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.fused_forward.restype = i
-    lib.fused_forward.argtypes = [p, p, p, p, p, p, p, i, p, p, p, p, p, i, p, p, p, i, i, p, p, p]
+    lib.fused_forward.argtypes = [p, p]  # const Model*, const Batch* (engine/fused.py)
     lib.fused_alloc.restype = p
     lib.fused_alloc.argtypes = [ctypes.c_uint64]
     lib.fused_free.argtypes = [p]

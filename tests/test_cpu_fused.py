@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import random_llama_dir
-from engine.fused import FusedDecoder
+from engine.fused import FusedModel
 from engine.runner import ModelRunner, SeqInput, build_model_input
 from kernels.cpu_fused import unsupported_reason
 
@@ -120,7 +120,7 @@ def test_fused_only_where_it_applies(tmp_path, monkeypatch):
     assert ModelRunner(d, "bfloat16").fused is None
     monkeypatch.delenv("TREESPEC_CPU_KERNEL")
     r = ModelRunner(d, "bfloat16")
-    assert isinstance(r.fused, FusedDecoder)
+    assert isinstance(r.fused, FusedModel)
     # rows past max_rows (a long prefill chunk) take the torch path and still agree
     r.allocate_kv(32, 4)
     ids = list(range(1, 41))
@@ -153,3 +153,35 @@ def test_bf16_speculation_equals_plain_greedy(default_dir, tokenizer, chat_promp
     steps = sum(o.seq.stats.verify_steps for o in outs)
     assert sum(o.seq.stats.committed for o in outs) / steps > 1.3  # drafts were really accepted
     assert engine.kv_blocks_used == 0
+
+
+def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts):
+    """The fused EAGLE drafter (one C call per depth, its KV cache growing past its first
+    allocation) predicts the same features and trees as the torch drafter on the same weights."""
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from engine.executor import InProcessExecutor
+
+    executor = InProcessExecutor(default_dir, "bfloat16")
+    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0)
+    fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
+    assert fused.fused is not None
+    eager.fused = None
+    r = executor.runner
+    r.allocate_kv(40, 16)
+    ids = sum(chat_prompts * 10, [])[:283]  # real chat text, longer than the first allocation
+    out = run(r, [SeqInput(ids[:280], list(range(280)), list(range(18)), 0)])
+    nxt = int(out.logits[0].argmax())
+    trees = []
+    for d in (fused, eager):
+        d.on_prefill("a", ids[:280], out.hidden, nxt)
+        first = d.propose(["a"], [8])[0]
+        d.on_verified("a", [nxt, ids[280], ids[281]], out.hidden[:3], ids[282])  # 3 more pairs
+        trees.append((first, d.propose(["a"], [8])[0]))
+    fs, es = fused.states["a"], eager.states["a"]
+    assert fs.length == es.length == 283 and fs.kv.shape[3] >= 283 + cfg.draft_depth * cfg.draft_top_k
+    cos = torch.nn.functional.cosine_similarity(fs.last.float(), es.last.float(), dim=0).item()
+    assert cos > 0.995, cos
+    for f_tree, e_tree in zip(*trees):
+        assert len(f_tree.tokens) == len(e_tree.tokens) == 8
+        assert len(set(f_tree.tokens) & set(e_tree.tokens)) >= 6

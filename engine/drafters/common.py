@@ -33,7 +33,10 @@ class DraftHead(nn.Module):
 
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, H] -> (log-probs [n, k], target token ids [n, k]), best first."""
-        logits = self.logits(h).float()
+        return self.topk_of_logits(self.logits(h).float(), k)
+
+    def topk_of_logits(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits over the draft vocabulary [n, Vd] -> topk's (log-probs, target ids)."""
         vals, idx = logits.topk(k, dim=-1)  # log-softmax only where it is kept: k of Vd values
         vals = vals - torch.logsumexp(logits, dim=-1, keepdim=True)
         return vals, (idx if self.ids is None else self.ids[idx])

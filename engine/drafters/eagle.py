@@ -153,6 +153,8 @@ class EagleModel(nn.Module):
 class _State:
     k: torch.Tensor | None = None  # [layers, 1, n_kv, L, D]
     v: torch.Tensor | None = None
+    kv: torch.Tensor | None = None  # fused path: [2, layers, 1, capacity, n_kv, D], one block
+    last_logits: torch.Tensor | None = None  # fused path: draft-head logits of `last` [1, Vd]
     length: int = 0  # pairs (feature, next token) in the KV cache
     feats: list = field(default_factory=list)  # pending pairs not yet run: features [H] ...
     tokens: list = field(default_factory=list)  # ... and the token that follows each
@@ -163,8 +165,9 @@ class EagleDrafter(Drafter):
     kind = "eagle"
 
     def __init__(self, model: EagleModel, embed_weight: torch.Tensor, head: DraftHead, top_k: int = 8,
-                 depth: int = 6, min_expand_prob: float = 0.0):
+                 depth: int = 6, min_expand_prob: float = 0.0, fused=None):
         self.model = model.eval()
+        self.fused = fused  # engine.fused.FusedModel of model + head, or None (torch)
         self.embed_weight = embed_weight
         self.head = head
         self.top_k, self.depth = top_k, depth
@@ -198,6 +201,8 @@ class EagleDrafter(Drafter):
         n = len(st.tokens)
         if n == 0:
             return
+        if self.fused is not None:
+            return self._catch_up_fused(st)
         feats = torch.stack(st.feats).unsqueeze(0)
         emb = self._embed(st.tokens).unsqueeze(0)
         pos = torch.arange(st.length, st.length + n).unsqueeze(0)
@@ -217,6 +222,8 @@ class EagleDrafter(Drafter):
             return DraftTree([], [])
         self._catch_up(st)
         k = min(self.top_k, budget)  # wider than the budget cannot pay: only `budget` nodes are kept
+        if self.fused is not None:
+            return self._propose_fused(st, budget, k)
         # Every drafted node: token, parent (-1 root), cumulative log-prob, depth.
         logp, toks = self.head.topk(st.last.unsqueeze(0), k)
         tokens, parents = toks[0].tolist(), [-1] * k
@@ -234,14 +241,7 @@ class EagleDrafter(Drafter):
             # best score so far is at least the best frontier score, no deeper node can
             # make the final selection (ties go to the shallower node). Each depth is a
             # drafter forward plus a head read, the main drafting cost on CPU.
-            best_frontier = max(scores[i] for i in frontier)
-            if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= best_frontier:
-                break
-            # Cost-aware stop (draft_min_prob): a deeper node is accepted at most as often
-            # as its parent's path (draft confidence tracks the acceptance rate, as the
-            # EAGLE-2 paper measures), so when the best frontier path's probability is
-            # below what one more drafter forward costs in tokens, it cannot pay for itself.
-            if math.exp(best_frontier) < self.min_expand_prob:
+            if self._stop(scores, frontier, budget):
                 break
             n_f = len(frontier)
             if d > 1:  # depth-1 nodes hang off the root, which the cache already holds
@@ -265,6 +265,84 @@ class EagleDrafter(Drafter):
             depths += [d + 1] * (len(frontier) * k)
             frontier = [base + i for i in best]
             front_feat = out[0][[i // k for i in best]]
+        return self._select(tokens, parents, scores, depths, budget)
+
+    @staticmethod
+    def _select(tokens, parents, scores, depths, budget) -> DraftTree:
         keep = select_dynamic(scores, parents, depths, budget)
         new_index = {old: new for new, old in enumerate(keep)}
         return DraftTree([tokens[i] for i in keep], [new_index.get(parents[i], -1) for i in keep])
+
+    def _stop(self, scores: list[float], frontier: list[int], budget: int) -> bool:
+        """Whether expanding the frontier one more depth cannot pay."""
+        best_frontier = max(scores[i] for i in frontier)
+        if len(scores) >= budget and sorted(scores, reverse=True)[budget - 1] >= best_frontier:
+            return True
+        # Cost-aware stop (draft_min_prob): a deeper node is accepted at most as often
+        # as its parent's path (draft confidence tracks the acceptance rate, as the
+        # EAGLE-2 paper measures), so when the best frontier path's probability is
+        # below what one more drafter forward costs in tokens, it cannot pay for itself.
+        return math.exp(best_frontier) < self.min_expand_prob
+
+    # -------------------------------------------------------------- fused CPU path
+
+    _TABLE = torch.zeros(1, 1, dtype=torch.int32)  # one block per request: slot == position
+
+    def _reserve(self, st: _State, tokens: int) -> None:
+        """Grow the request's drafter KV cache to hold `tokens` positions (doubling)."""
+        if st.kv is not None and st.kv.shape[3] >= tokens:
+            return
+        c = self.model.cfg
+        cap = max(tokens, 256, 2 * (st.kv.shape[3] if st.kv is not None else 0))
+        kv = torch.zeros(2, c.num_layers, 1, cap, c.num_key_value_heads, c.head_dim, dtype=torch.bfloat16)
+        if st.kv is not None:
+            kv[:, :, :, : st.length] = st.kv[:, :, :, : st.length]
+        st.kv = kv
+
+    def _catch_up_fused(self, st: _State) -> None:
+        n = len(st.tokens)
+        # Room for the pending pairs and the draft rows forwarded after them.
+        self._reserve(st, st.length + n + self.depth * self.top_k)
+        inputs = torch.cat([self._embed(st.tokens), torch.stack(st.feats).to(self.embed_weight.dtype)], dim=-1)
+        pos = torch.arange(st.length, st.length + n)
+        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE,
+                                        torch.tensor([n - 1]), inputs=inputs)
+        st.length += n
+        st.last, st.last_logits = hidden[-1], logits
+        st.feats, st.tokens = [], []
+
+    def _propose_fused(self, st: _State, budget: int, k: int) -> DraftTree:
+        """The EAGLE-2 search of the torch path, each depth one fused C call. Draft rows go
+        to cache positions after the request's pairs (overwritten by the next catch-up); a
+        row sees the pairs, its forwarded ancestors and itself."""
+        logp, toks = self.head.topk_of_logits(st.last_logits, k)
+        tokens, parents = toks[0].tolist(), [-1] * k
+        scores, depths = logp[0].tolist(), [1] * k
+        frontier = list(range(k))
+        front_feat = st.last.expand(k, -1)
+        seen: dict[int, list[int]] = {}  # forwarded node -> cache slots it sees beyond the pairs
+        m = 0
+        for d in range(1, self.depth):
+            if self._stop(scores, frontier, budget):
+                break
+            n_f = len(frontier)
+            slots = [st.length + m + j for j in range(n_f)]
+            visible = [seen.get(parents[node], []) + [slot] for node, slot in zip(frontier, slots)]
+            for node, vis in zip(frontier, visible):
+                seen[node] = vis
+            inputs = torch.cat([self._embed([tokens[i] for i in frontier]), front_feat], dim=-1)
+            pos = torch.full((n_f,), st.length + d - 1)
+            out, logits = self.fused.run(st.kv, pos, torch.tensor(slots), [0, n_f], [st.length], self._TABLE,
+                                         torch.arange(n_f), inputs=inputs, visible=visible)
+            m += n_f
+            child_logp, child_tok = self.head.topk_of_logits(logits, k)  # [F, k]
+            cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
+            best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
+            base = len(tokens)
+            tokens += child_tok.flatten().tolist()
+            scores += cum.flatten().tolist()
+            parents += [node for node in frontier for _ in range(k)]
+            depths += [d + 1] * (n_f * k)
+            frontier = [base + i for i in best]
+            front_feat = out[[i // k for i in best]]
+        return self._select(tokens, parents, scores, depths, budget)

@@ -16,9 +16,10 @@ from engine.config import EngineConfig, ModelConfig
 from engine.drafters.common import DraftHead, read_drafter
 from engine.drafters.eagle import EagleConfig, EagleDrafter, EagleModel
 from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
+from engine.fused import FusedModel
 from engine.parallel import pack_cpu_weights
 from engine.runner import DTYPES
-from engine.weights import DEFAULT_MODEL, checkpoint_files
+from engine.weights import DEFAULT_MODEL, cache_root, checkpoint_files
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         pack_cpu_weights(model)  # bf16 only: drafting reads ~20 MB per depth, packed ~1.5x faster
         pack_cpu_weights(head)
     if cfg.speculation == "eagle":
+        # bf16 on a CPU with AVX512-BF16: each draft depth is one C call (engine/fused.py).
+        fused = (FusedModel.for_eagle(model, head.weight, os.path.join(cache_root(), "kernels"))
+                 if cfg.device == "cpu" else None)
         return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth,
-                            cfg.draft_min_prob)
+                            cfg.draft_min_prob, fused=fused)
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1))
