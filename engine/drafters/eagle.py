@@ -255,17 +255,24 @@ class EagleDrafter(Drafter):
             for j, node in enumerate(frontier):
                 fwd_index[node] = m + j
             m += n_f
-            child_logp, child_tok = self.head.topk(out[0], k)  # [F, k]
-            cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
-            best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
-            base = len(tokens)
-            tokens += child_tok.flatten().tolist()
-            scores += cum.flatten().tolist()
-            parents += [node for node in frontier for _ in range(k)]
-            depths += [d + 1] * (len(frontier) * k)
-            frontier = [base + i for i in best]
-            front_feat = out[0][[i // k for i in best]]
+            frontier, rows = self._grow(tokens, parents, scores, depths, frontier, *self.head.topk(out[0], k), d)
+            front_feat = out[0][rows]
         return self._select(tokens, parents, scores, depths, budget)
+
+    @staticmethod
+    def _grow(tokens, parents, scores, depths, frontier, child_logp, child_tok, d) -> tuple[list[int], list[int]]:
+        """Add the frontier's children (log-probs, ids [F, k]) at depth d + 1 to the node lists
+        (in place); return the next frontier (the k best by cumulative log-prob) and, for each
+        of its nodes, the row of its parent in this depth's forward."""
+        k = child_tok.shape[1]
+        cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
+        best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
+        base = len(tokens)
+        tokens += child_tok.flatten().tolist()
+        scores += cum.flatten().tolist()
+        parents += [node for node in frontier for _ in range(k)]
+        depths += [d + 1] * (len(frontier) * k)
+        return [base + i for i in best], [i // k for i in best]
 
     @staticmethod
     def _select(tokens, parents, scores, depths, budget) -> DraftTree:
@@ -335,14 +342,7 @@ class EagleDrafter(Drafter):
             out, logits = self.fused.run(st.kv, pos, torch.tensor(slots), [0, n_f], [st.length], self._TABLE,
                                          torch.arange(n_f), inputs=inputs, visible=visible)
             m += n_f
-            child_logp, child_tok = self.head.topk_of_logits(logits, k)  # [F, k]
-            cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
-            best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
-            base = len(tokens)
-            tokens += child_tok.flatten().tolist()
-            scores += cum.flatten().tolist()
-            parents += [node for node in frontier for _ in range(k)]
-            depths += [d + 1] * (n_f * k)
-            frontier = [base + i for i in best]
-            front_feat = out[[i // k for i in best]]
+            frontier, rows = self._grow(tokens, parents, scores, depths, frontier,
+                                        *self.head.topk_of_logits(logits, k), d)
+            front_feat = out[rows]
         return self._select(tokens, parents, scores, depths, budget)
