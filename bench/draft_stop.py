@@ -57,11 +57,15 @@ def main():
         engines[p].generate([TUNING_PROMPTS[0]], SamplingParams(max_tokens=8))  # warm-up
         forwards[p] = 0
 
-        def counted(*a, _p=p, _f=drafter.model.forward, **k):
+        # A drafter forward is a torch module call, or one fused C call (engine/fused.py).
+        runner = drafter.fused if drafter.fused is not None else drafter.model
+        name = "run" if drafter.fused is not None else "forward"
+
+        def counted(*a, _p=p, _f=getattr(runner, name), **k):
             forwards[_p] += 1
             return _f(*a, **k)
 
-        drafter.model.forward = counted
+        setattr(runner, name, counted)
     prompts = [engines[min_probs[0]].tokenize_chat([{"role": "user", "content": p}])
                for p in TUNING_PROMPTS[: args.prompts]]
     totals = {p: {"committed": 0, "steps": 0, "draft_s": 0.0, "verify_s": 0.0} for p in min_probs}

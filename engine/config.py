@@ -175,16 +175,16 @@ def auto_draft_vocab_size(device: str = "cpu") -> int | None:
 
 def auto_draft_min_prob(device: str = "cpu") -> float:
     """EAGLE's cost-aware stop: 0 (exact EAGLE-2 search) on a GPU, where a draft depth is a
-    small fraction of a target step; 0.25 on a CPU, where one depth (a drafter forward and a
-    head read, ~1.1 ms) is ~4% of a 5-node verify step: on the tuning prompts at a 5-node
-    tree, 0.25 cut drafting from 6.8 to 4.4 ms a step for 3% of tau, and tau per ms is flat
-    from 0.2 to 0.35 (bench/draft_stop.py, docs/benchmarks.md)."""
-    return 0.0 if device.startswith("cuda") else 0.25
+    small fraction of a target step; 0.35 on a CPU, where one depth (a fused drafter call and
+    the top-k, ~0.6 ms) is ~6% of a 5-node verify step (~10.4 ms): on the tuning prompts at a
+    5-node tree, tau per ms of a step is flat from 0.15 to 0.45 and highest at 0.35, which cuts
+    drafting from 2.7 to 1.75 ms a step for 4.5% of tau (bench/draft_stop.py, docs/benchmarks.md)."""
+    return 0.0 if device.startswith("cuda") else 0.35
 
 
 def auto_tree_budget(device: str = "cpu") -> int:
     """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
-    verifying them costs about one step), 8 on a CPU, where a 9-token verify already
-    costs ~1.2x a one-token step and 17 tokens ~1.5x (docs/benchmarks.md)."""
-    return 60 if device.startswith("cuda") else 8
-
+    verifying them costs about one step), 5 on a CPU: with the fused CPU forward a 6-token
+    verify step costs ~1.2x a one-token step and 9 tokens ~1.5x, and 5-node trees gave the
+    best speedup for both drafters (bench/speculative.py, docs/benchmarks.md)."""
+    return 60 if device.startswith("cuda") else 5
