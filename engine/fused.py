@@ -59,6 +59,51 @@ def _t(x) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def pack_arenas(lib, threads: int, mats: list) -> tuple[list, list, torch.Tensor]:
+    """Copy matrices [(weight [N, K], pair)] into one arena per thread, in order: thread t
+    gets rows on multiples of 4 (the GEMV tile); with pair, the two halves' rows of the same
+    columns (gate and up). Returns (arena tensors, their addresses to free, shares [M * T, 5]:
+    per matrix and thread, the arena address and up to two (first output row, rows))."""
+
+    def split(n: int) -> list[int]:
+        return [0] + [min(n, (n * t // threads + 3) // 4 * 4) for t in range(1, threads)] + [n]
+
+    sizes, plan = [0] * threads, []
+    for w, pair in mats:
+        n, k = w.shape
+        half = n // 2 if pair else n
+        b = split(half)
+        per = []
+        for t in range(threads):
+            segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
+            per.append(segs)
+            sizes[t] += sum(h - l for l, h in segs) * k
+        plan.append(per)
+    arenas, raw = [], []
+    for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
+        addr = lib.fused_alloc(max(sizes[t], 1) * 2)
+        if not addr:
+            raise MemoryError("fused_alloc failed")
+        raw.append(addr)
+        buf = (ctypes.c_char * (max(sizes[t], 1) * 2)).from_address(addr)
+        arenas.append(torch.frombuffer(buf, dtype=torch.bfloat16))
+    shares = torch.zeros(len(mats) * threads, 5, dtype=torch.int64)
+    offsets = [0] * threads
+    with torch.no_grad():
+        for m, ((w, _), per) in enumerate(zip(mats, plan)):
+            k = w.shape[1]
+            for t, segs in enumerate(per):
+                row = [arenas[t].data_ptr() + 2 * offsets[t]]
+                for lo, hi in segs:
+                    n = hi - lo
+                    arenas[t][offsets[t]: offsets[t] + n * k] = w[lo:hi].reshape(-1)
+                    offsets[t] += n * k
+                    row += [lo, n]
+                row += [0, 0] * (2 - len(segs))
+                shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
+    return arenas, raw, shares
+
+
 class FusedModel:
     """Packed weights of a Llama decoder or an EAGLE drafter, and its fused forward.
 
@@ -91,46 +136,7 @@ class FusedModel:
                             _t(self.shares), _t(self.norm_ptrs), _t(self.embed), _t(self.inv_freq), _t(self.fc_bias))
 
     def _pack(self, mats) -> None:
-        threads = self.threads
-
-        def split(n: int) -> list[int]:  # thread bounds, on multiples of 4 rows (the GEMV tile)
-            return [0] + [min(n, (n * t // threads + 3) // 4 * 4) for t in range(1, threads)] + [n]
-
-        sizes, plan = [0] * threads, []
-        for w, pair in mats:
-            n, k = w.shape
-            half = n // 2 if pair else n
-            b = split(half)
-            per = []
-            for t in range(threads):
-                segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
-                per.append(segs)
-                sizes[t] += sum(h - l for l, h in segs) * k
-            plan.append(per)
-        # One arena per thread, on huge pages; freed in __del__.
-        self.arenas, self._raw = [], []
-        for t in range(threads):
-            addr = self.lib.fused_alloc(max(sizes[t], 1) * 2)
-            if not addr:
-                raise MemoryError("fused_alloc failed")
-            self._raw.append(addr)
-            buf = (ctypes.c_char * (max(sizes[t], 1) * 2)).from_address(addr)
-            self.arenas.append(torch.frombuffer(buf, dtype=torch.bfloat16))
-        shares = torch.zeros(len(mats) * threads, 5, dtype=torch.int64)
-        offsets = [0] * threads
-        with torch.no_grad():
-            for m, ((w, _), per) in enumerate(zip(mats, plan)):
-                k = w.shape[1]
-                for t, segs in enumerate(per):
-                    row = [self.arenas[t].data_ptr() + 2 * offsets[t]]
-                    for lo, hi in segs:
-                        n = hi - lo
-                        self.arenas[t][offsets[t]: offsets[t] + n * k] = w[lo:hi].reshape(-1)
-                        offsets[t] += n * k
-                        row += [lo, n]
-                    row += [0, 0] * (2 - len(segs))
-                    shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
-        self.shares = shares
+        self.arenas, self._raw, self.shares = pack_arenas(self.lib, self.threads, mats)
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):
@@ -208,3 +214,49 @@ class FusedModel:
         """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows."""
         return self.run(kv_cache, inp.positions, inp.slot_mapping, inp.query_start_loc, inp.context_lens,
                         inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask)
+
+
+class _Medusa(ctypes.Structure):  # mirrors `Medusa` in kernels/cpu_fused.c
+    _fields_ = [(n, _i64) for n in ("hidden", "heads", "layers", "vocab", "threads")] + [
+        ("shares", _ptr), ("bias", _ptr)]
+
+
+class FusedMedusa:
+    """Medusa heads (residual blocks) and the draft head: one C call per proposal."""
+
+    def __init__(self, build_dir: str, threads: int, model, head: torch.Tensor):
+        self.lib = cpu_fused.load(build_dir)
+        cfg = model.cfg
+        self.hidden, self.vocab, self.heads = head.shape[1], head.shape[0], cfg.num_heads
+        blocks = [[h[layer].linear for h in model.heads] for layer in range(cfg.num_layers)]  # [layer][head]
+        with torch.no_grad():
+            mats = [(torch.cat([b.weight for b in blocks[0]]), False)]  # first blocks, stacked
+            mats += [(b.weight, False) for layer in blocks[1:] for b in layer]
+            mats.append((head, False))
+            self.bias = torch.cat([b.bias for layer in blocks for b in layer]).to(torch.bfloat16).contiguous()
+        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats)
+        self.medusa = _Medusa(self.hidden, self.heads, cfg.num_layers, self.vocab, threads,
+                              _t(self.shares), _t(self.bias))
+
+    @classmethod
+    def for_medusa(cls, model, head_weight: torch.Tensor, build_dir: str,
+                   threads: int | None = None) -> "FusedMedusa | None":
+        """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None."""
+        if fused_disabled_reason(model.heads[0][0].linear.weight, 16, 1, 1):
+            return None
+        return cls(build_dir, threads or torch.get_num_threads(), model, head_weight)
+
+    def __del__(self):
+        for addr in getattr(self, "_raw", []):
+            self.lib.fused_free(addr)
+        self._raw = []
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, H] -> head features bf16 [B * heads, H] (row b * heads + i), draft logits
+        fp32 [B * heads, Vd]."""
+        x = x.to(torch.bfloat16).contiguous()
+        feats = torch.empty(x.shape[0] * self.heads, self.hidden, dtype=torch.bfloat16)
+        logits = torch.empty(x.shape[0] * self.heads, self.vocab, dtype=torch.float32)
+        if self.lib.medusa_forward(ctypes.byref(self.medusa), x.shape[0], _t(x), _t(feats), _t(logits)) != 0:
+            raise MemoryError("fused Medusa forward could not allocate its scratch memory")
+        return feats, logits

@@ -498,6 +498,55 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     return 0;
 }
 
+/* Medusa heads on one feature per request, and their logits: head i applies `layers`
+ * residual blocks f <- f + silu(W f + b) to the feature, then the draft head. Every head's
+ * first block reads the same feature, so those are one stacked [heads * hidden, hidden]
+ * matrix and stream as one GEMV; later blocks read each head's own feature. */
+typedef struct {
+    int64_t hidden, heads, layers, vocab, threads;
+    const Share* shares;  /* [(2 + (layers - 1) * heads) * threads]: stacked first blocks, the
+                             later blocks (layer-major, then head), the draft head */
+    const bf16* bias;     /* bf16 [layers, heads, hidden] */
+} Medusa;
+
+/* x: bf16 [B, hidden] -> feats bf16 [B * heads, hidden] (row b * heads + i), logits fp32
+ * [B * heads, vocab]. Returns 0, or -1 when scratch memory could not be allocated. */
+int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, float* logits) {
+    const int H = (int)md->hidden, K = (int)md->heads, NL = (int)md->layers, V = (int)md->vocab, T = (int)md->threads;
+    const int64_t rows = B * K;
+    float* y = malloc(sizeof(float) * (size_t)rows * H);  /* block outputs */
+    float* f = malloc(sizeof(float) * (size_t)rows * H);  /* each head's feature, fp32 */
+    if (!y || !f) { free(y); free(f); return -1; }
+    for (int64_t r = 0; r < rows; r++)
+        for (int i = 0; i < H; i++) f[(size_t)r * H + i] = bf16_to_f32(x[(size_t)(r / K) * H + i]);
+#pragma omp parallel num_threads(T)
+    {
+        const int t = omp_get_thread_num();
+        for (int l = 0; l < NL; l++) {
+            if (l == 0)
+                gemv_share(&md->shares[t], H, x, H, (int)B, y, K * H);
+            else
+                for (int i = 0; i < K; i++)
+                    gemv_share(&md->shares[(size_t)(1 + (l - 1) * K + i) * T + t], H, feats + (size_t)i * H, K * H,
+                               (int)B, y + (size_t)i * H, K * H);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {  /* request r / K, head r % K */
+                const bf16* bias = md->bias + ((size_t)l * K + r % K) * H;
+                for (int i = 0; i < H; i++) {
+                    float z = y[(size_t)r * H + i] + bf16_to_f32(bias[i]);
+                    f[(size_t)r * H + i] += z / (1.0f + expf(-z));
+                    feats[(size_t)r * H + i] = f32_to_bf16(f[(size_t)r * H + i]);
+                }
+            }
+        }
+        gemv_share(&md->shares[(size_t)(1 + (NL - 1) * K) * T + t], H, feats, H, (int)rows, logits, V);
+    }
+    free(y);
+    free(f);
+    return 0;
+}
+
 /* Memory for the weight arenas, on 2 MiB pages where the kernel allows (fewer TLB misses
  * while streaming: ~34 vs ~28 GB/s read on two cores here). Freed with fused_free. */
 void* fused_alloc(uint64_t bytes) {

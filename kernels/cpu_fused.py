@@ -69,6 +69,8 @@ def load(build_dir: str) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.fused_forward.restype = i
     lib.fused_forward.argtypes = [p, p]  # const Model*, const Batch* (engine/fused.py)
+    lib.medusa_forward.restype = i
+    lib.medusa_forward.argtypes = [p, ctypes.c_int64, p, p, p]  # const Medusa*, B, x, feats, logits
     lib.fused_alloc.restype = p
     lib.fused_alloc.argtypes = [ctypes.c_uint64]
     lib.fused_free.argtypes = [p]

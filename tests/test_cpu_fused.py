@@ -185,3 +185,35 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts)
     for f_tree, e_tree in zip(*trees):
         assert len(f_tree.tokens) == len(e_tree.tokens) == 8
         assert len(set(f_tree.tokens) & set(e_tree.tokens)) >= 6
+
+
+def test_fused_medusa_heads_match_torch(default_dir, chat_prompts):
+    """The fused Medusa heads (blocks and draft head in one C call, several requests at
+    once) give the torch heads' logits and the same per-step trees."""
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from engine.executor import InProcessExecutor
+
+    executor = InProcessExecutor(default_dir, "bfloat16")
+    cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5)
+    fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
+    assert fused.fused is not None
+    eager.fused = None
+    r = executor.runner
+    r.allocate_kv(8, 16)
+    ids = chat_prompts[0][:16]
+    hidden = run(r, [SeqInput(ids, list(range(len(ids))), [0], 0)]).hidden
+    x = hidden[-3:]  # three requests' features in one call
+    feats, logits = fused.fused.run(x)
+    k_heads = fused.model.cfg.num_heads
+    ref = eager.head.logits(eager.model(x).transpose(0, 1).reshape(-1, x.shape[1])).float()  # [B * K, Vd]
+    assert logits.shape == ref.shape == (3 * k_heads, fused.head.weight.shape[0])
+    assert (logits - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    shared = 0
+    for i in range(8):  # per-step trees from the features of the prompt's last 8 tokens
+        for d in (fused, eager):
+            d.on_prefill("a", ids, hidden[: len(ids) - i], 0)
+        t1, t2 = fused.propose(["a"], [5])[0], eager.propose(["a"], [5])[0]
+        shared += len(set(zip(t1.tokens, t1.parents)) & set(zip(t2.tokens, t2.parents)))
+    assert shared >= 0.8 * 8 * 5

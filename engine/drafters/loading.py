@@ -16,7 +16,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.drafters.common import DraftHead, read_drafter
 from engine.drafters.eagle import EagleConfig, EagleDrafter, EagleModel
 from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
-from engine.fused import FusedModel
+from engine.fused import FusedMedusa, FusedModel
 from engine.parallel import pack_cpu_weights
 from engine.runner import DTYPES
 from engine.weights import DEFAULT_MODEL, cache_root, checkpoint_files
@@ -102,4 +102,6 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
                  if cfg.device == "cpu" else None)
         return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth,
                             cfg.draft_min_prob, fused=fused)
-    return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1))
+    fused = (FusedMedusa.for_medusa(model, head.weight, os.path.join(cache_root(), "kernels"))
+             if cfg.device == "cpu" else None)
+    return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1), fused=fused)

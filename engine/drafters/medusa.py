@@ -90,9 +90,10 @@ class MedusaDrafter(Drafter):
     kind = "medusa"
 
     def __init__(self, model: MedusaModel, head: DraftHead, choices: list[list[int]] | None = None,
-                 max_nodes: int = 64, dynamic: bool | None = None):
+                 max_nodes: int = 64, dynamic: bool | None = None, fused=None):
         self.model = model.eval()
         self.head = head
+        self.fused = fused  # engine.fused.FusedMedusa of model + head, or None (torch)
         cfg = model.cfg
         self.dynamic = choices is None if dynamic is None else dynamic
         if choices is None:
@@ -120,13 +121,16 @@ class MedusaDrafter(Drafter):
             if h is None or budget <= 0:
                 trees.append(DraftTree([], []))
                 continue
-            feats = self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]  # [K, H]
+            if self.fused is not None:  # blocks and head in one C call
+                logits = self.fused.run(h.unsqueeze(0))[1]  # [K, Vd]
+            else:
+                logits = self.head.logits(self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]).float()
             if self.dynamic:
                 k = min(budget, MAX_WIDTH, self.head.weight.shape[0])  # a tiny vocabulary caps the width
-                logp, cand = self.head.topk(feats, k)  # [K, k]
+                logp, cand = self.head.topk_of_logits(logits, k)  # [K, k]
                 choices = best_tree(logp.exp().tolist(), budget)
             else:
-                _, cand = self.head.topk(feats, self.top_k)  # [K, top_k]
+                _, cand = self.head.topk_of_logits(logits, self.top_k)  # [K, top_k]
                 choices = self.choices[:budget]
             tokens, parents = tree_from_choices(choices, cand.tolist())
             trees.append(DraftTree(tokens, parents))
