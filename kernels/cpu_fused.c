@@ -15,7 +15,9 @@
  *
  * Numerics: weights, KV cache and GEMV inputs are bf16 (round to nearest even); dot
  * products accumulate in fp32; the residual stream, norms, RoPE and softmax are fp32.
- * Layout of the KV cache and block tables: kernels/__init__.py.
+ * Layout of the KV cache and block tables: kernels/__init__.py. The same forward runs an
+ * EAGLE drafter (an input projection instead of the embedding, no final norm); Medusa's
+ * heads have their own small entry point. Engine side: engine/fused.py.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -31,11 +33,13 @@ typedef uint16_t bf16;
  * prefetcher alone leaves one core's stream at ~11 GB/s; 32 KiB ahead reaches ~29 GB/s on
  * two cores, and with DRAM reads in flight during the dot products, 8 rows cost about what
  * one does (16-32 KiB ahead measured best; L1 as the target was slower). */
-#ifndef KV_AHEAD
-#define KV_AHEAD 16  /* keys */
-#endif
 #ifndef PF_ELEMS
 #define PF_ELEMS 16384
+#endif
+/* KV rows are scattered over the cache and cold (the weight stream evicts them): attention
+ * prefetches this many keys ahead (8-64 measured alike). */
+#ifndef KV_AHEAD
+#define KV_AHEAD 16
 #endif
 
 /* ---- small helpers ---------------------------------------------------------------- */
@@ -192,8 +196,6 @@ static void qk_scores(const bf16* q, int G, const bf16* kbase, const int64_t* ks
         const int nk = n - i < 4 ? n - i : 4;
         const bf16* kp[4];
         for (int c = 0; c < 4; c++) kp[c] = kbase + ks[i + (c < nk ? c : 0)] * stride;
-        /* KV rows are scattered over the cache and cold (the weights stream evicts them):
-         * fetch a few tiles ahead instead of waiting on each row's misses. */
         for (int c = i + KV_AHEAD; c < i + KV_AHEAD + 4 && c < n; c++)
             for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c] * stride + d), _MM_HINT_T0);
         for (int j0 = 0; j0 < G; j0 += 4) {
