@@ -7,7 +7,7 @@ in the order the forward uses them) and runs a whole forward for a few rows in o
 call. Prefill chunks longer than ``max_rows`` stay on the torch path, where oneDNN's
 GEMMs are compute-bound and faster.
 
-``FusedModel.for_target(model, build_dir)`` packs the target (None, and the caller
+``FusedModel.for_target(model)`` packs the target (None, and the caller
 keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);
 ``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head.
 """
@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from engine.weights import cache_root
 from kernels import cpu_fused
 
 MAX_ROWS = 32  # more rows than this: oneDNN's packed GEMMs win (compute-bound)
@@ -41,16 +42,21 @@ class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
         ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr)]
 
 
-def fused_disabled_reason(weight: torch.Tensor, head_dim: int, heads: int, kv_heads: int,
-                          world_size: int = 1) -> str | None:
-    """None when a model with this weight dtype/device and shape can run fused here, else why not."""
+def build_dir() -> str:
+    """Where the kernel library is compiled to (once per source hash)."""
+    return os.path.join(cache_root(), "kernels")
+
+
+def fused_disabled_reason(weight: torch.Tensor, world_size: int = 1, attention: tuple | None = None) -> str | None:
+    """None when a model with this weight dtype/device can run fused here, else why not.
+    attention: (head_dim, heads, kv_heads) of a model with attention layers."""
     if os.environ.get("TREESPEC_CPU_KERNEL", "auto") == "torch":
         return "TREESPEC_CPU_KERNEL=torch"
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return "needs a bf16 CPU model"
     if world_size != 1:
         return "needs tensor-parallel world size 1"
-    if head_dim % 16 or heads % kv_heads:
+    if attention is not None and (attention[0] % 16 or attention[1] % attention[2]):
         return "needs head_dim % 16 == 0 and whole GQA groups"
     return cpu_fused.unsupported_reason()
 
@@ -104,7 +110,20 @@ def pack_arenas(lib, threads: int, mats: list) -> tuple[list, list, torch.Tensor
     return arenas, raw, shares
 
 
-class FusedModel:
+class _Packed:
+    """Weights in per-thread arenas (``pack_arenas``), freed with the object."""
+
+    def _pack(self, threads: int, mats: list) -> None:
+        self.lib = cpu_fused.load(build_dir())
+        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats)
+
+    def __del__(self):
+        for addr in getattr(self, "_raw", []):
+            self.lib.fused_free(addr)
+        self._raw = []
+
+
+class FusedModel(_Packed):
     """Packed weights of a Llama decoder or an EAGLE drafter, and its fused forward.
 
     layers: per layer (qkv [QKV, H], o [H, heads * D], gate_up [2I, H], down [H, I],
@@ -112,18 +131,18 @@ class FusedModel:
     fc [H, fc_in] and fc_bias [H] for an EAGLE input projection, else None.
     """
 
-    def __init__(self, build_dir: str, threads: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
+    def __init__(self, threads: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  eps: float, layers: list, head: torch.Tensor, final_norm, embed, inv_freq: torch.Tensor,
                  fc=None, fc_bias=None, max_rows: int = MAX_ROWS):
-        self.lib = cpu_fused.load(build_dir)
         self.threads, self.max_rows = threads, max_rows
         self.hidden, self.vocab = hidden, head.shape[0]
         mats = []  # (weight [N, K], pair) in forward order; pair: gate/up halves split together
         for qkv, o, gate_up, down, _, _ in layers:
             mats += [(qkv, False), (o, False), (gate_up, True), (down, False)]
         mats.append((head, False))
-        mats.append((fc if fc is not None else torch.zeros(4, 32, dtype=torch.bfloat16), False))
-        self._pack(mats)
+        if fc is not None:
+            mats.append((fc, False))
+        self._pack(threads, mats)
         self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
         self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
         self.norm_ptrs = torch.tensor([_t(t) for t in self.keep], dtype=torch.int64)
@@ -135,43 +154,34 @@ class FusedModel:
                             0 if fc is None else fc.shape[1], eps, head_dim ** -0.5,
                             _t(self.shares), _t(self.norm_ptrs), _t(self.embed), _t(self.inv_freq), _t(self.fc_bias))
 
-    def _pack(self, mats) -> None:
-        self.arenas, self._raw, self.shares = pack_arenas(self.lib, self.threads, mats)
-
-    def __del__(self):
-        for addr in getattr(self, "_raw", []):
-            self.lib.fused_free(addr)
-        self._raw = []
-
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def for_target(cls, model, build_dir: str, threads: int | None = None) -> "FusedModel | None":
+    def for_target(cls, model, threads: int | None = None) -> "FusedModel | None":
         """A bf16 engine.model.LlamaForCausalLM of world size 1, or None where it cannot run fused."""
         cfg = model.config
-        if fused_disabled_reason(model.lm_head.weight, cfg.head_dim, cfg.num_attention_heads,
-                                 cfg.num_key_value_heads, model.tp.world_size):
+        if fused_disabled_reason(model.lm_head.weight, model.tp.world_size,
+                                 (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)):
             return None
         layers = [(L.self_attn.qkv_proj.weight, L.self_attn.o_proj.weight, L.mlp.gate_up_proj.weight,
                    L.mlp.down_proj.weight, L.input_layernorm.weight, L.post_attention_layernorm.weight)
                   for L in model.layers]
-        return cls(build_dir, threads or torch.get_num_threads(), hidden=cfg.hidden_size,
+        return cls(threads or torch.get_num_threads(), hidden=cfg.hidden_size,
                    heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                    eps=cfg.rms_norm_eps, layers=layers, head=model.lm_head.weight, final_norm=model.model.norm.weight,
                    embed=model.model.embed_tokens.weight, inv_freq=model.model.rope.inv_freq)
 
     @classmethod
-    def for_eagle(cls, model, head_weight: torch.Tensor, build_dir: str,
-                  threads: int | None = None) -> "FusedModel | None":
+    def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None) -> "FusedModel | None":
         """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None."""
         c = model.cfg
-        if fused_disabled_reason(model.fc.weight, c.head_dim, c.num_attention_heads, c.num_key_value_heads):
+        if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
             return None
         with torch.no_grad():
             layers = [(torch.cat([L.q_proj.weight, L.k_proj.weight, L.v_proj.weight]), L.o_proj.weight,
                        L.mlp.gate_up_proj.weight, L.mlp.down_proj.weight, L.input_layernorm.weight,
                        L.post_attention_layernorm.weight) for L in model.layers]
-        return cls(build_dir, threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
+        return cls(threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
                    kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, layers=layers,
                    head=head_weight, final_norm=None, embed=None, inv_freq=model.rope.inv_freq,
                    fc=model.fc.weight, fc_bias=model.fc.bias)
@@ -221,11 +231,10 @@ class _Medusa(ctypes.Structure):  # mirrors `Medusa` in kernels/cpu_fused.c
         ("shares", _ptr), ("bias", _ptr)]
 
 
-class FusedMedusa:
+class FusedMedusa(_Packed):
     """Medusa heads (residual blocks) and the draft head: one C call per proposal."""
 
-    def __init__(self, build_dir: str, threads: int, model, head: torch.Tensor):
-        self.lib = cpu_fused.load(build_dir)
+    def __init__(self, threads: int, model, head: torch.Tensor):
         cfg = model.cfg
         self.hidden, self.vocab, self.heads = head.shape[1], head.shape[0], cfg.num_heads
         blocks = [[h[layer].linear for h in model.heads] for layer in range(cfg.num_layers)]  # [layer][head]
@@ -234,22 +243,16 @@ class FusedMedusa:
             mats += [(b.weight, False) for layer in blocks[1:] for b in layer]
             mats.append((head, False))
             self.bias = torch.cat([b.bias for layer in blocks for b in layer]).to(torch.bfloat16).contiguous()
-        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats)
+        self._pack(threads, mats)
         self.medusa = _Medusa(self.hidden, self.heads, cfg.num_layers, self.vocab, threads,
                               _t(self.shares), _t(self.bias))
 
     @classmethod
-    def for_medusa(cls, model, head_weight: torch.Tensor, build_dir: str,
-                   threads: int | None = None) -> "FusedMedusa | None":
+    def for_medusa(cls, model, head_weight: torch.Tensor, threads: int | None = None) -> "FusedMedusa | None":
         """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None."""
-        if fused_disabled_reason(model.heads[0][0].linear.weight, 16, 1, 1):
+        if fused_disabled_reason(model.heads[0][0].linear.weight):
             return None
-        return cls(build_dir, threads or torch.get_num_threads(), model, head_weight)
-
-    def __del__(self):
-        for addr in getattr(self, "_raw", []):
-            self.lib.fused_free(addr)
-        self._raw = []
+        return cls(threads or torch.get_num_threads(), model, head_weight)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, H] -> head features bf16 [B * heads, H] (row b * heads + i), draft logits

@@ -5,7 +5,6 @@ in actors/); ``ModelOutput`` comes back from rank 0.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from engine.config import ModelConfig
 from engine.fused import FusedModel
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
-from engine.weights import cache_root, load_weights
+from engine.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -137,7 +136,7 @@ class ModelRunner:
         # Decode and verify steps of a bf16 single-rank CPU model run as one C call.
         # fused=False keeps the torch path (comparisons); the kernel's own conditions are in
         # engine/fused.py (bf16, world size 1, AVX512-BF16, a C compiler).
-        self.fused = (FusedModel.for_target(self.model, os.path.join(cache_root(), "kernels"))
+        self.fused = (FusedModel.for_target(self.model)
                       if fused and load and self.device.type == "cpu" else None)
         self.block_size = 0
         self.num_blocks = 0

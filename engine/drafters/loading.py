@@ -19,7 +19,7 @@ from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
 from engine.fused import FusedMedusa, FusedModel
 from engine.parallel import pack_cpu_weights
 from engine.runner import DTYPES
-from engine.weights import DEFAULT_MODEL, cache_root, checkpoint_files
+from engine.weights import DEFAULT_MODEL, checkpoint_files
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         pack_cpu_weights(head)
     if cfg.speculation == "eagle":
         # bf16 on a CPU with AVX512-BF16: each draft depth is one C call (engine/fused.py).
-        fused = (FusedModel.for_eagle(model, head.weight, os.path.join(cache_root(), "kernels"))
+        fused = (FusedModel.for_eagle(model, head.weight)
                  if cfg.device == "cpu" else None)
         return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth,
                             cfg.draft_min_prob, fused=fused)
-    fused = (FusedMedusa.for_medusa(model, head.weight, os.path.join(cache_root(), "kernels"))
+    fused = (FusedMedusa.for_medusa(model, head.weight)
              if cfg.device == "cpu" else None)
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1), fused=fused)
