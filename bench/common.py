@@ -96,13 +96,27 @@ def flat_prompts(n: int | None = None) -> list[tuple[str, str]]:
 
 
 def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth (GB/s): best of several full reductions over a large buffer."""
+    """Read bandwidth (GB/s): the best of several full reductions over a large buffer, by
+    torch's ``sum()`` and, where the fused CPU kernel builds, by its prefetched stream
+    (kernels/cpu_fused.c ``fused_stream_sum``, the way its GEMVs read weights); either can
+    read faster on a given machine, and the limit should be the best this machine reaches."""
     x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    probes = [lambda: x.sum()]
+    try:
+        from engine.fused import build_dir
+        from kernels import cpu_fused
+
+        if cpu_fused.unsupported_reason() is None:
+            lib = cpu_fused.load(build_dir())
+            probes.append(lambda: lib.fused_stream_sum(x.data_ptr(), x.numel(), torch.get_num_threads()))
+    except (ImportError, RuntimeError):
+        pass
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
+    for probe in probes:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
 
 

@@ -65,26 +65,44 @@ def _t(x) -> int:
     return 0 if x is None else x.data_ptr()
 
 
-def pack_arenas(lib, threads: int, mats: list) -> tuple[list, list, torch.Tensor]:
+def _tile_pack(w: torch.Tensor) -> torch.Tensor:
+    """[n, K] (n % 16 == 0, K % 32 == 0) -> flat, in gemv_amx's layout (kernels/cpu_fused.c):
+    16-row blocks in pairs, per 32 columns the pair's two [16 k pairs, 16 rows, 2] tiles."""
+    n, k = w.shape
+    tiles = w.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 512)
+    pairs = tiles[: n // 32 * 2].reshape(n // 32, 2, k // 32, 512).transpose(1, 2)
+    return torch.cat([pairs.reshape(-1), tiles[n // 32 * 2:].reshape(-1)])
+
+
+def fits_tiles(w: torch.Tensor, pair: bool) -> bool:
+    """Whether gemv_amx can run this matrix: rows % 16 (each half of a pair), columns % 32."""
+    return (w.shape[0] // (2 if pair else 1)) % 16 == 0 and w.shape[1] % 32 == 0
+
+
+def pack_arenas(lib, threads: int, mats: list, amx: bool = False) -> tuple[list, list, torch.Tensor]:
     """Copy matrices [(weight [N, K], pair)] into one arena per thread, in order: thread t
     gets rows on multiples of 4 (the GEMV tile); with pair, the two halves' rows of the same
-    columns (gate and up). Returns (arena tensors, their addresses to free, shares [M * T, 5]:
-    per matrix and thread, the arena address and up to two (first output row, rows))."""
+    columns (gate and up). amx: matrices that fit AMX tiles are split on multiples of 32
+    and tile-packed for gemv_amx (the choice is per matrix, never per call, so a row's
+    result never depends on the rows beside it). Returns (arena tensors, their addresses
+    to free, shares [M * T, 6]: per matrix and thread, the arena address, up to two
+    (first output row, rows), and whether it is tile-packed)."""
 
-    def split(n: int) -> list[int]:
-        return [0] + [min(n, (n * t // threads + 3) // 4 * 4) for t in range(1, threads)] + [n]
+    def split(n: int, g: int) -> list[int]:
+        return [0] + [min(n, (n * t // threads + g - 1) // g * g) for t in range(1, threads)] + [n]
 
     sizes, plan = [0] * threads, []
     for w, pair in mats:
         n, k = w.shape
         half = n // 2 if pair else n
-        b = split(half)
+        tiled = amx and fits_tiles(w, pair)
+        b = split(half, 32 if tiled else 4)
         per = []
         for t in range(threads):
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
             sizes[t] += sum(h - l for l, h in segs) * k
-        plan.append(per)
+        plan.append((tiled, per))
     arenas, raw = [], []
     for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
         addr = lib.fused_alloc(max(sizes[t], 1) * 2)
@@ -93,19 +111,20 @@ def pack_arenas(lib, threads: int, mats: list) -> tuple[list, list, torch.Tensor
         raw.append(addr)
         buf = (ctypes.c_char * (max(sizes[t], 1) * 2)).from_address(addr)
         arenas.append(torch.frombuffer(buf, dtype=torch.bfloat16))
-    shares = torch.zeros(len(mats) * threads, 5, dtype=torch.int64)
+    shares = torch.zeros(len(mats) * threads, 6, dtype=torch.int64)
     offsets = [0] * threads
     with torch.no_grad():
-        for m, ((w, _), per) in enumerate(zip(mats, plan)):
+        for m, ((w, _), (tiled, per)) in enumerate(zip(mats, plan)):
             k = w.shape[1]
             for t, segs in enumerate(per):
                 row = [arenas[t].data_ptr() + 2 * offsets[t]]
                 for lo, hi in segs:
                     n = hi - lo
-                    arenas[t][offsets[t]: offsets[t] + n * k] = w[lo:hi].reshape(-1)
+                    seg = w[lo:hi].to(torch.bfloat16)
+                    arenas[t][offsets[t]: offsets[t] + n * k] = _tile_pack(seg) if tiled else seg.reshape(-1)
                     offsets[t] += n * k
                     row += [lo, n]
-                row += [0, 0] * (2 - len(segs))
+                row += [0, 0] * (2 - len(segs)) + [int(tiled)]
                 shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
     return arenas, raw, shares
 
@@ -115,7 +134,8 @@ class _Packed:
 
     def _pack(self, threads: int, mats: list) -> None:
         self.lib = cpu_fused.load(build_dir())
-        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats)
+        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats, cpu_fused.use_amx(self.lib))
+        self.amx = bool(self.shares[:, 5].any())  # some matrix runs on AMX tiles
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <omp.h>
 
 typedef uint16_t bf16;
@@ -51,21 +53,27 @@ static inline float bf16_to_f32(bf16 v) {
     return f;
 }
 
-static inline bf16 f32_to_bf16(float f) {  /* round to nearest even, like torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
+/* 16 fp32 -> 16 bf16, rounded to nearest even like torch (NaN stays NaN). */
+static inline __m256i cvt16_bf16(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
 }
+
+static inline __mmask16 tail16(int left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
 static void to_bf16(const float* x, bf16* y, int n) {
-    for (int i = 0; i < n; i++) y[i] = f32_to_bf16(x[i]);
+    for (int i = 0; i < n; i += 16)
+        _mm256_mask_storeu_epi16(y + i, tail16(n - i), cvt16_bf16(_mm512_maskz_loadu_ps(tail16(n - i), x + i)));
 }
 
-static inline __m512 load16_bf16(const bf16* p) {  /* 16 bf16 -> 16 fp32 */
-    __m256i v = _mm256_loadu_si256((const __m256i*)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+static inline __m512 load16_bf16(__mmask16 m, const bf16* p) {  /* 16 bf16 (lanes in m) -> 16 fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
 /* e^x for 16 lanes: Cody-Waite reduction to |r| <= ln2/2, degree-6 Taylor (rel. err ~2e-7). */
@@ -160,23 +168,121 @@ static void gemv(const bf16* W, int nrows, int K, const bf16* X, int ldx, int M,
             tile1(W + (size_t)r * K, K, X + (size_t)m * ldx, ldx, Y + (size_t)m * ldy + r, ldy, M - m);
 }
 
+/* ---- AMX: the same products as tile matrix multiplications ----------------------------
+ *
+ * On a CPU with AMX (Sapphire Rapids and later) one TDPBF16PS multiplies a 16 x 32 bf16
+ * tile of inputs by a 32 x 16 tile of weights (~16x the multiply-adds per cycle of
+ * AVX512-BF16), so a tree of 8-32 rows costs about what one row does: the step stays
+ * bound by reading the weights. Weights are packed at load (engine/fused.py) as
+ * [16-row blocks, in pairs][K / 32][the pair's two blocks][16 k pairs][16 rows][2],
+ * which is the B operand's layout, one sequential stream per thread. A row's results do
+ * not depend on the other rows of the call: each output element is its own chain of
+ * multiply-adds over K in the same order. The kernel uses AMX for every row count on
+ * such a CPU, so a tree row and the same token decoded alone match bit for bit. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Tiles: 0-3 accumulators (rows a|b x blocks 0|1), 4-5 inputs (rows a|b), 6-7 weights.
+ * Each GEMV loads its configuration; a thread releases its tiles when its forward ends
+ * (releasing after every GEMV made one-row steps ~40% slower). */
+static __thread int tiles_in_use;
+
+static void amx_config(int ma, int mb) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[8] = {ma, ma, mb, mb, ma, mb, 16, 16};
+    for (int i = 0; i < 8; i++) {
+        c.rows[i] = (uint8_t)rows[i];
+        c.colsb[i] = rows[i] ? 64 : 0;
+    }
+    _tile_loadconfig(&c);
+    tiles_in_use = 1;
+}
+
+static void amx_release(void) {
+    if (tiles_in_use) _tile_release();
+    tiles_in_use = 0;
+}
+
+/* Y[m * ldy + r] = W[r] . X[m * ldx] with W tile-packed; nrows % 16 == 0, K % 32 == 0. */
+static void gemv_amx(const bf16* W, int nrows, int K, const bf16* X, int ldx, int M, float* Y, int ldy) {
+    const int KB = K / 32;
+    const long sx = (long)ldx * 2, sy = (long)ldy * 4;
+    for (int m0 = 0; m0 < M; m0 += 32) {
+        const int ma = M - m0 < 16 ? M - m0 : 16, mb = M - m0 > 32 ? 16 : (M - m0 > 16 ? M - m0 - 16 : 0);
+        amx_config(ma, mb);
+        const bf16* xa = X + (size_t)m0 * ldx, * xb = xa + (size_t)16 * ldx;
+        float* ya = Y + (size_t)m0 * ldy, * yb = ya + (size_t)16 * ldy;
+        const bf16* w = W;
+        for (int o = 0; o < nrows;) {
+            const int two = nrows - o >= 32, step = two ? 1024 : 512;
+            _tile_zero(0);  /* touching an unconfigured tile (rows 0) faults */
+            if (two) _tile_zero(1);
+            if (mb) { _tile_zero(2); if (two) _tile_zero(3); }
+            for (int kb = 0; kb < KB; kb++, w += step) {
+                for (int i = 0; i < step; i += 32) _mm_prefetch((const char*)(w + PF_ELEMS + i), _MM_HINT_T1);
+                _tile_loadd(4, xa + kb * 32, sx);
+                _tile_loadd(6, w, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) { _tile_loadd(7, w + 512, 64); _tile_dpbf16ps(1, 4, 7); }
+                if (mb) {
+                    _tile_loadd(5, xb + kb * 32, sx);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, ya + o, sy);
+            if (two) _tile_stored(1, ya + o + 16, sy);
+            if (mb) {
+                _tile_stored(2, yb + o, sy);
+                if (two) _tile_stored(3, yb + o + 16, sy);
+            }
+            o += two ? 32 : 16;
+        }
+    }
+}
+
+/* Asks Linux for the AMX tile state (once per process); 0 when granted. */
+int fused_amx_enable(void) {
+    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
 /* One thread's share of a matrix: up to two row segments of its arena, written to
- * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share). */
-typedef struct { uint64_t ptr, out0, n0, out1, n1; } Share;
+ * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: the
+ * arena holds these rows tile-packed (gemv_amx), else row-major. */
+typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
 
 static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, float* Y, int ldy) {
     const bf16* W = (const bf16*)(uintptr_t)s->ptr;
-    gemv(W, (int)s->n0, K, X, ldx, M, Y + s->out0, ldy);
-    if (s->n1) gemv(W + (size_t)s->n0 * K, (int)s->n1, K, X, ldx, M, Y + s->out1, ldy);
+    void (*f)(const bf16*, int, int, const bf16*, int, int, float*, int) = s->amx ? gemv_amx : gemv;
+    f(W, (int)s->n0, K, X, ldx, M, Y + s->out0, ldy);
+    if (s->n1) f(W + (size_t)s->n0 * K, (int)s->n1, K, X, ldx, M, Y + s->out1, ldy);
 }
 
 /* ---- pieces of a layer ------------------------------------------------------------ */
 
 static void rms_norm_row(const float* x, const bf16* w, int n, float eps, bf16* out) {
-    float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float inv = 1.0f / sqrtf(ss / n + eps);
-    for (int i = 0; i < n; i++) out[i] = f32_to_bf16(x[i] * inv * bf16_to_f32(w[i]));
+    __m512 ss = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(tail16(n - i), x + i);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / n + eps));
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tail16(n - i);
+        __m512 wv = load16_bf16(m, w + i);
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv), wv);
+        _mm256_mask_storeu_epi16(out + i, m, cvt16_bf16(v));
+    }
+}
+
+/* silu(g) = g / (1 + e^-g), 16 lanes. */
+static inline __m512 silu16(__m512 g) {
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
 /* Rotate-half RoPE of one head vector in place, with this row's cos/sin [D/2]. */
@@ -250,7 +356,7 @@ static void weighted_values(const float* p, int ld, int G, const bf16* vbase, co
             for (int i = 0; i < n; i++) {
                 if (d == 0 && j0 == 0 && i + KV_AHEAD < n)
                     for (int e = 0; e < D; e += 32) _mm_prefetch((const char*)(vbase + ks[i + KV_AHEAD] * stride + e), _MM_HINT_T0);
-                __m512 v = load16_bf16(vbase + ks[i] * stride + d);
+                __m512 v = load16_bf16(0xffff, vbase + ks[i] * stride + d);
                 for (int j = 0; j < nq; j++)
                     acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)(j0 + j) * ld + i]), v, acc[j]);
             }
@@ -470,11 +576,15 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                  * needs nothing from the other threads */
                 const Share* s = &sh[2 * T + t];
                 gemv_share(s, H, xb, H, M, y, 2 * I);
-                for (int r = 0; r < M; r++)
-                    for (uint64_t c = 0; c < s->n0; c++) {
-                        float g = y[(size_t)r * 2 * I + s->out0 + c], up = y[(size_t)r * 2 * I + I + s->out0 + c];
-                        act[(size_t)r * I + s->out0 + c] = f32_to_bf16(g / (1.0f + expf(-g)) * up);
+                const int n = (int)s->n0;
+                for (int r = 0; r < M; r++) {
+                    const float* g = y + (size_t)r * 2 * I + s->out0, * up = g + I;
+                    for (int c = 0; c < n; c += 16) {
+                        const __mmask16 m = tail16(n - c);
+                        __m512 a = _mm512_mul_ps(silu16(_mm512_maskz_loadu_ps(m, g + c)), _mm512_maskz_loadu_ps(m, up + c));
+                        _mm256_mask_storeu_epi16(act + (size_t)r * I + s->out0 + c, m, cvt16_bf16(a));
                     }
+                }
             }
 #pragma omp barrier
             gemv_share(&sh[3 * T + t], I, act, I, M, o, H);
@@ -494,6 +604,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         for (int i = 0; i < R; i++)
             memcpy(xb + (size_t)i * H, hidden_out + (size_t)logit_rows[i] * H, sizeof(bf16) * H);
         if (R > 0) gemv_share(&shares[(size_t)4 * L * T + t], H, xb, H, R, logits, V);
+        amx_release();
     }
     free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
     free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
@@ -535,18 +646,46 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {  /* request r / K, head r % K */
                 const bf16* bias = md->bias + ((size_t)l * K + r % K) * H;
-                for (int i = 0; i < H; i++) {
-                    float z = y[(size_t)r * H + i] + bf16_to_f32(bias[i]);
-                    f[(size_t)r * H + i] += z / (1.0f + expf(-z));
-                    feats[(size_t)r * H + i] = f32_to_bf16(f[(size_t)r * H + i]);
+                float* fr = f + (size_t)r * H;
+                for (int i = 0; i < H; i += 16) {
+                    const __mmask16 m = tail16(H - i);
+                    __m512 bv = load16_bf16(m, bias + i);
+                    __m512 z = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + (size_t)r * H + i), bv);
+                    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, fr + i), silu16(z));
+                    _mm512_mask_storeu_ps(fr + i, m, v);
+                    _mm256_mask_storeu_epi16(feats + (size_t)r * H + i, m, cvt16_bf16(v));
                 }
             }
         }
         gemv_share(&md->shares[(size_t)(1 + (NL - 1) * K) * T + t], H, feats, H, (int)rows, logits, V);
+        amx_release();
     }
     free(y);
     free(f);
     return 0;
+}
+
+/* A read-bandwidth probe for benchmarks (bench/common.py): the sum of n floats, read
+ * the way the GEMVs read their arenas (one sequential stream per thread, prefetched). */
+double fused_stream_sum(const float* x, int64_t n, int64_t threads) {
+    double total = 0;
+#pragma omp parallel num_threads((int)threads) reduction(+ : total)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t lo = n * t / T / 64 * 64, hi = t == T - 1 ? n : n * (t + 1) / T / 64 * 64;
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t i = lo;
+        for (; i + 64 <= hi; i += 64) {
+            for (int c = 0; c < 4; c++) {
+                _mm_prefetch((const char*)(x + i + PF_ELEMS / 2 + 16 * c), _MM_HINT_T1);
+                a[c] = _mm512_add_ps(a[c], _mm512_loadu_ps(x + i + 16 * c));
+            }
+        }
+        double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        for (; i < hi; i++) s += x[i];
+        total += s;
+    }
+    return total;
 }
 
 /* Memory for the weight arenas, on 2 MiB pages where the kernel allows (fewer TLB misses

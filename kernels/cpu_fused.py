@@ -18,25 +18,30 @@ import subprocess
 import tempfile
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_fused.c")
-FLAGS = os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
+                                                               "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
 
 _lib: ctypes.CDLL | None = None
+_amx: bool | None = None
 
 
 def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def unsupported_reason() -> str | None:
     """None when the kernel can run on this machine, else a one-line reason."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    if "avx512_bf16" not in flags.split():
+    if "avx512_bf16" not in cpu_flags():
         return "the CPU has no AVX512-BF16"
     if compiler() is None:
         return "no C compiler (cc/gcc) on PATH"
@@ -71,8 +76,22 @@ def load(build_dir: str) -> ctypes.CDLL:
     lib.fused_forward.argtypes = [p, p]  # const Model*, const Batch* (engine/fused.py)
     lib.medusa_forward.restype = i
     lib.medusa_forward.argtypes = [p, ctypes.c_int64, p, p, p]  # const Medusa*, B, x, feats, logits
+    lib.fused_amx_enable.restype = i
+    lib.fused_stream_sum.restype = ctypes.c_double
+    lib.fused_stream_sum.argtypes = [p, ctypes.c_int64, ctypes.c_int64]
     lib.fused_alloc.restype = p
     lib.fused_alloc.argtypes = [ctypes.c_uint64]
     lib.fused_free.argtypes = [p]
     _lib = lib
     return lib
+
+
+def use_amx(lib: ctypes.CDLL) -> bool:
+    """Whether GEMVs run on AMX tiles: the CPU has AMX-BF16, Linux grants the tile state
+    and ``TREESPEC_CPU_AMX`` is not 0 (AVX512-BF16 dot products otherwise)."""
+    global _amx
+    if os.environ.get("TREESPEC_CPU_AMX", "1") == "0":
+        return False
+    if _amx is None:
+        _amx = {"amx_bf16", "amx_tile"} <= cpu_flags() and lib.fused_amx_enable() == 0
+    return _amx

@@ -4,7 +4,8 @@ Oracles: transformers' fp32 logits (the fused bf16 path must be no less accurate
 the torch bf16 path), the engine's fp32 torch path on random configs (paged attention
 with trees and several sequences), and decoding the accepted path one token at a time
 (a tree row must give bit-identical results: that is what keeps speculation lossless).
-Skipped, with the reason, on machines without AVX512-BF16 or a C compiler.
+Skipped, with the reason, on machines without AVX512-BF16 or a C compiler; on a CPU
+with AMX the GEMVs run on tiles, and the random-config test checks both paths.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from conftest import random_llama_dir
 from engine.fused import FusedModel
 from engine.runner import ModelRunner, SeqInput, build_model_input
-from kernels.cpu_fused import unsupported_reason
+from kernels.cpu_fused import cpu_flags, unsupported_reason
 
 pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused CPU kernel: {unsupported_reason()}")
+HAS_AMX = {"amx_bf16", "amx_tile"} <= cpu_flags()
 
 
 def run(runner: ModelRunner, seqs: list[SeqInput]):
@@ -57,13 +59,20 @@ def test_default_model_bf16_fused_is_as_accurate_as_torch_bf16(default_dir, hf_m
     assert agree[0] >= agree[1] - 0.05 and agree[0] >= 0.85, agree
 
 
-@pytest.mark.parametrize("hidden,heads,kv_heads,block_size", [(96, 6, 2, 4), (80, 5, 1, 3)])
-def test_random_config_trees_and_batches_match_fp32_torch(tmp_path, hidden, heads, kv_heads, block_size):
+@pytest.mark.parametrize("hidden,heads,kv_heads,block_size,amx",
+                         [(96, 6, 2, 4, True), (96, 6, 2, 4, False), (80, 5, 1, 3, False)])
+def test_random_config_trees_and_batches_match_fp32_torch(tmp_path, monkeypatch, hidden, heads, kv_heads,
+                                                          block_size, amx):
     """Two sequences in one forward, one a draft tree and one a causal chunk, over paged
-    blocks; hidden 80 exercises the masked tail of the GEMV (80 is not a multiple of 32)."""
+    blocks; hidden 80 exercises the masked tail of the AVX512 GEMV (80 is not a multiple
+    of 32, so no matrix fits AMX tiles); hidden 96 runs every matrix on AMX tiles where the
+    CPU has them (amx=True), or on AVX512-BF16 dot products (TREESPEC_CPU_AMX=0)."""
+    if amx and not HAS_AMX:
+        pytest.skip("the CPU has no AMX-BF16")
+    monkeypatch.setenv("TREESPEC_CPU_AMX", "1" if amx else "0")
     d = random_llama_dir(str(tmp_path), hidden=hidden, heads=heads, kv_heads=kv_heads, layers=3, tie=False)
     fused, ref = ModelRunner(d, "bfloat16"), ModelRunner(d, "float32")
-    assert fused.fused is not None
+    assert fused.fused is not None and fused.fused.amx == amx
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 319, (60,), generator=g).tolist()
     tables = [[3, 9, 1, 14, 6, 11, 0, 8], [2, 13, 5, 7, 12, 4, 10, 15]]
