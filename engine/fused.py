@@ -28,7 +28,7 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 class _Model(ctypes.Structure):  # mirrors `Model` in kernels/cpu_fused.c
     _fields_ = [(n, _i64) for n in ("hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab",
-                                     "threads", "fc_in")] + [
+                                     "threads", "fc_in", "amx_attention")] + [
         ("eps", _f32), ("scale", _f32),
         ("shares", _ptr), ("norms", _ptr), ("embed", _ptr), ("inv_freq", _ptr), ("fc_bias", _ptr)]
 
@@ -59,6 +59,25 @@ def fused_disabled_reason(weight: torch.Tensor, world_size: int = 1, attention: 
     if attention is not None and (attention[0] % 16 or attention[1] % attention[2]):
         return "needs head_dim % 16 == 0 and whole GQA groups"
     return cpu_fused.unsupported_reason()
+
+
+_argmax_lib: list = []  # [lib or None], decided once
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Row-wise argmax of fp32 CPU logits [R, V] as a list (torch.argmax's first maximum),
+    by the kernel library's vectorized scan where it builds (torch's takes ~1 ms for a
+    13-row tree of a 49k vocabulary, ~10% of a verification step); torch elsewhere."""
+    if not _argmax_lib:
+        ok = os.environ.get("TREESPEC_CPU_KERNEL", "auto") != "torch" and cpu_fused.unsupported_reason() is None
+        _argmax_lib.append(cpu_fused.load(build_dir()) if ok else None)
+    lib = _argmax_lib[0]
+    if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2:
+        return logits.argmax(-1).tolist()
+    x = logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.fused_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out.tolist()
 
 
 def _t(x) -> int:
@@ -170,8 +189,10 @@ class FusedModel(_Packed):
         self.inv_freq = inv_freq.float().contiguous()
         self.fc_bias = fc_bias.detach().to(torch.bfloat16).contiguous() if fc_bias is not None else None
         intermediate = layers[0][3].shape[1]
+        # Attention scores on AMX tiles too, for any row count (see qk_scores_amx).
+        self.amx_attention = cpu_fused.use_amx(self.lib) and head_dim % 32 == 0 and head_dim <= 256
         self.model = _Model(hidden, heads, kv_heads, head_dim, intermediate, len(layers), self.vocab, threads,
-                            0 if fc is None else fc.shape[1], eps, head_dim ** -0.5,
+                            0 if fc is None else fc.shape[1], int(self.amx_attention), eps, head_dim ** -0.5,
                             _t(self.shares), _t(self.norm_ptrs), _t(self.embed), _t(self.inv_freq), _t(self.fc_bias))
 
     # ------------------------------------------------------------------ constructors

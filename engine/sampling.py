@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.fused import argmax_rows
+
 
 @dataclass
 class SamplingParams:
@@ -62,5 +64,5 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from logits [V]."""
     if params.greedy:
-        return int(logits.argmax())
+        return argmax_rows(logits.reshape(1, -1))[0]
     return int(torch.multinomial(target_probs(logits, params), 1, generator=generator))

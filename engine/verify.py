@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.fused import argmax_rows
 from engine.sampling import SamplingParams, target_probs
 
 
@@ -36,7 +37,7 @@ def verify_greedy(tokens: list[int], parents: list[int], logits: torch.Tensor) -
     Returns (accepted local indices from the root, root included; bonus token).
     """
     kids = children_of(parents)
-    best = logits.argmax(-1).tolist()
+    best = argmax_rows(logits)
     path, node = [0], 0
     while True:
         nxt = next((c for c in kids[node] if tokens[c] == best[node]), None)

@@ -41,6 +41,15 @@ def compaction_slots(
     Computed once per step, shared by all layers (see ``copy_slots``).
     """
     device = block_tables.device
+    if device.type == "cpu" and not isinstance(accepted, torch.Tensor):  # a step's few moves: plain Python
+        tables, src, dst = block_tables.tolist(), [], []
+        for table, ctx, path in zip(tables, [int(c) for c in context_lens], accepted):
+            for i, node in enumerate(path):
+                if node >= 0 and node != i:
+                    s, d = ctx + node, ctx + i
+                    src.append(table[min(s // block_size, len(table) - 1)] * block_size + s % block_size)
+                    dst.append(table[min(d // block_size, len(table) - 1)] * block_size + d % block_size)
+        return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
     acc = accepted_tensor(accepted, device)
     ctx = torch.as_tensor(context_lens, dtype=torch.long, device=device).view(-1, 1)
     step = torch.arange(acc.shape[1], device=device).view(1, -1)

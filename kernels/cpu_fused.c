@@ -327,40 +327,134 @@ static void qk_scores(const bf16* q, int G, const bf16* kbase, const int64_t* ks
     }
 }
 
+/* 16 x 16 dwords in place: r[i] element j <-> r[j] element i. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* now r[4a + b] holds, in each 128-bit lane l, elements (row 4l' .. of) column 4 * lane + b
+     * of rows 4a .. 4a + 3; two rounds of 128-bit shuffles gather the lanes */
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+/* qk_scores on AMX tiles (D % 32 == 0, D <= 256): queries are the A operand, 16 keys at a
+ * time the B operand (their rows transposed into the pair-interleaved layout), so each
+ * tile of scores lands in sc directly; writes up to 16 columns past n (the caller's ld
+ * leaves room). A score is one chain over D in a fixed order whatever tile its key and
+ * query share, like the AVX512 path, so tree rows stay bit-identical to decoding. */
+static void qk_scores_amx(const bf16* q, int G, const bf16* kbase, const int64_t* ks, int64_t stride, int n, int D,
+                          float scale, float* sc, int ld) {
+    const int KB = D / 32, full = G / 16 * 16, tail = G - full;
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[5] = {16, 16, 16, tail, tail};  /* C, A (full query blocks); B; C, A (the rest) */
+    for (int i = 0; i < 5; i++) {
+        c.rows[i] = (uint8_t)rows[i];
+        c.colsb[i] = rows[i] ? 64 : 0;
+    }
+    _tile_loadconfig(&c);
+    tiles_in_use = 1;
+    __m512i kt[8][16];  /* per 32 dims: 16 rows (dim pairs) x 16 keys */
+    for (int i = 0; i < n; i += 16) {
+        const int nk = n - i < 16 ? n - i : 16;
+        for (int c2 = i + KV_AHEAD; c2 < i + KV_AHEAD + 16 && c2 < n; c2++)
+            for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c2] * stride + d), _MM_HINT_T0);
+        for (int kb = 0; kb < KB; kb++) {
+            for (int r = 0; r < 16; r++)
+                kt[kb][r] = r < nk ? _mm512_loadu_si512(kbase + ks[i + r] * stride + kb * 32) : _mm512_setzero_si512();
+            transpose16(kt[kb]);
+        }
+/* scores of the queries from g0 (tiles: accumulator CT, queries AT) against this key block;
+ * a macro because tile numbers must be immediates */
+#define QK_GROUP(CT, AT, g0)                                                   \
+    do {                                                                       \
+        _tile_zero(CT);                                                        \
+        for (int kb = 0; kb < KB; kb++) {                                      \
+            _tile_loadd(AT, q + (size_t)(g0) * D + kb * 32, (long)D * 2);      \
+            _tile_loadd(2, kt[kb], 64);                                        \
+            _tile_dpbf16ps(CT, AT, 2);                                         \
+        }                                                                      \
+        _tile_stored(CT, sc + (size_t)(g0) * ld + i, (long)ld * 4);            \
+    } while (0)
+        for (int g0 = 0; g0 < full; g0 += 16) QK_GROUP(0, 1, g0);
+        if (tail) QK_GROUP(3, 4, full);
+#undef QK_GROUP
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int j = 0; j < G; j++)
+        for (int i = 0; i < n; i += 16)
+            _mm512_mask_storeu_ps(sc + (size_t)j * ld + i, tail16(n - i),
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(tail16(n - i), sc + (size_t)j * ld + i), sv));
+}
+
 /* In place: sc[0..n) -> softmax(sc). */
 static void softmax(float* sc, int n) {
-    float mx = -INFINITY;
-    for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16)  /* max is exact in any order */
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail16(n - i), sc + i));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), _mm512_set1_ps(mx))));
+        const __mmask16 m = tail16(n - i);
+        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), mx)));
         _mm512_mask_storeu_ps(sc + i, m, e);
         sum = _mm512_add_ps(sum, e);
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int i = 0; i < n; i++) sc[i] *= inv;
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int i = 0; i < n; i += 16)
+        _mm512_mask_storeu_ps(sc + i, tail16(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(tail16(n - i), sc + i), inv));
 }
 
-/* out[j * D + d] (+)= sum_i p[j * ld + i] * V_i[d] for G queries, V rows at slots ks; each
- * V row is converted once for all G queries. accumulate: continue the sums already in out
- * (the same fma chain as one call over both key lists: fp32 stores and loads are exact). */
+/* out[j * D + d] (+)= sum_i p[j * ld + i] * V_i[d] for G queries, V rows at slots ks. Keys
+ * outermost: a V row is loaded once per block of 6 queries and each probability is
+ * broadcast once for the whole row (4 FMAs per broadcast at D = 64). accumulate: continue
+ * the sums already in out (the same fma chain as one call over both key lists: fp32
+ * stores and loads are exact). D % 16 == 0. */
 static void weighted_values(const float* p, int ld, int G, const bf16* vbase, const int64_t* ks, int64_t stride,
                             int n, int D, float* out, int accumulate) {
-    for (int d = 0; d < D; d += 16) {
-        for (int j0 = 0; j0 < G; j0 += 8) {
-            const int nq = G - j0 < 8 ? G - j0 : 8;
-            __m512 acc[8];
-            for (int j = 0; j < 8; j++)
-                acc[j] = accumulate && j < nq ? _mm512_loadu_ps(out + (size_t)(j0 + j) * D + d) : _mm512_setzero_ps();
+    const int DC = D / 16;
+    for (int j0 = 0; j0 < G; j0 += 6) {
+        const int nq = G - j0 < 6 ? G - j0 : 6;
+        for (int c0 = 0; c0 < DC; c0 += 4) {  /* up to 4 chunks (64 dims) of the row at a time */
+            const int nc = DC - c0 < 4 ? DC - c0 : 4;
+            __m512 acc[6][4];
+            for (int j = 0; j < 6; j++)
+                for (int c = 0; c < 4; c++)
+                    acc[j][c] = accumulate && j < nq && c < nc ? _mm512_loadu_ps(out + (size_t)(j0 + j) * D + (c0 + c) * 16)
+                                                               : _mm512_setzero_ps();
             for (int i = 0; i < n; i++) {
-                if (d == 0 && j0 == 0 && i + KV_AHEAD < n)
+                if (j0 == 0 && c0 == 0 && i + KV_AHEAD < n)
                     for (int e = 0; e < D; e += 32) _mm_prefetch((const char*)(vbase + ks[i + KV_AHEAD] * stride + e), _MM_HINT_T0);
-                __m512 v = load16_bf16(0xffff, vbase + ks[i] * stride + d);
-                for (int j = 0; j < nq; j++)
-                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)(j0 + j) * ld + i]), v, acc[j]);
+                const bf16* vr = vbase + ks[i] * stride + c0 * 16;
+                __m512 v[4];
+                for (int c = 0; c < nc; c++) v[c] = load16_bf16(0xffff, vr + c * 16);
+                for (int j = 0; j < nq; j++) {
+                    const __m512 pj = _mm512_set1_ps(p[(size_t)(j0 + j) * ld + i]);
+                    for (int c = 0; c < nc; c++) acc[j][c] = _mm512_fmadd_ps(pj, v[c], acc[j][c]);
+                }
             }
-            for (int j = 0; j < nq; j++) _mm512_storeu_ps(out + (size_t)(j0 + j) * D + d, acc[j]);
+            for (int j = 0; j < nq; j++)
+                for (int c = 0; c < nc; c++) _mm512_storeu_ps(out + (size_t)(j0 + j) * D + (c0 + c) * 16, acc[j][c]);
         }
     }
 }
@@ -373,6 +467,7 @@ static void weighted_values(const float* p, int ld, int G, const bf16* vbase, co
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, layers, vocab, threads;
     int64_t fc_in;          /* 0, or the width of the rows the input projection reads */
+    int64_t amx_attention;  /* attention scores on AMX tiles (qk_scores_amx) */
     float eps, scale;       /* RMSNorm epsilon, attention scale */
     const Share* shares;    /* [(4 * layers + 2) * threads]: qkv, o, gate_up, down per layer; head; fc */
     const uint64_t* norms;  /* [2 * layers + 1] addresses of bf16 [hidden] weights; the last 0: no final norm */
@@ -424,6 +519,8 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     bf16* kv = bt_->kv, * hidden_out = bt_->hidden_out;
     float* logits = bt_->logits;
     const int QKV = (NH + 2 * NKV) * D, half = D / 2, group = NH / NKV;
+    void (*qk)(const bf16*, int, const bf16*, const int64_t*, int64_t, int, int, float, float*, int) =
+        mdl->amx_attention ? qk_scores_amx : qk_scores;
     const int XB = H > NH * D ? H : NH * D;
 
     /* Key lists, the same for every layer: each sequence's prefix slots (shared by all its
@@ -487,7 +584,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     bf16* xb = malloc(sizeof(bf16) * M * XB);              /* bf16 GEMV input */
     bf16* act = malloc(sizeof(bf16) * M * I);              /* SwiGLU output */
     float* cs = malloc(sizeof(float) * M * half * 2);      /* cos, sin per row */
-    const int ld = (max_keys + 16) / 16 * 16, QU = max_part * group;  /* one query's scores; queries per unit */
+    const int ld = (max_keys + 31) / 16 * 16, QU = max_part * group;  /* one query's scores; queries per unit */
     float* scores = malloc(sizeof(float) * (size_t)T * QU * ld);
     bf16* qbuf = malloc(sizeof(bf16) * (size_t)T * QU * D);
     float* obuf = malloc(sizeof(float) * (size_t)T * QU * D);
@@ -550,10 +647,10 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                 const bf16* vb = vc + kvh * D;
                 for (int i = 0; i < nr; i++)  /* queries: the group's heads of each row, bf16 */
                     to_bf16(y + (size_t)(r0 + i) * QKV + kvh * group * D, qb + (size_t)i * group * D, group * D);
-                qk_scores(qb, Q, kb, ps, NKV * D, ctx, D, scale, sc, ld);
+                qk(qb, Q, kb, ps, NKV * D, ctx, D, scale, sc, ld);
                 for (int i = 0; i < nr; i++) {
                     const int r = r0 + i;
-                    qk_scores(qb + (size_t)i * group * D, group, kb, own_slots + own_at[r], NKV * D, own_n[r],
+                    qk(qb + (size_t)i * group * D, group, kb, own_slots + own_at[r], NKV * D, own_n[r],
                               D, scale, sc + (size_t)i * group * ld + ctx, ld);
                     for (int j = 0; j < group; j++) softmax(sc + (size_t)(i * group + j) * ld, ctx + own_n[r]);
                 }
@@ -663,6 +760,37 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
     free(y);
     free(f);
     return 0;
+}
+
+/* out[r] = the first index of the largest of x[r, 0..n) (torch.argmax; NaNs are not
+ * looked at): greedy verification's argmax over [rows, vocab] logits, ~10x faster than
+ * torch's for a tree's rows. */
+void fused_argmax(const float* x, int64_t rows, int64_t n, int64_t* out, int64_t threads) {
+#pragma omp parallel for num_threads((int)threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float* row = x + r * n;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {  /* each lane keeps its first maximum */
+            __m512 v = _mm512_loadu_ps(row + i);
+            __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            at = _mm512_mask_mov_epi32(at, gt, idx);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+        float lanes[16];
+        int32_t where[16];
+        _mm512_storeu_ps(lanes, best);
+        _mm512_storeu_si512(where, at);
+        float m = -INFINITY;
+        int64_t arg = 0;
+        for (int l = 0; l < 16; l++)
+            if (lanes[l] > m || (lanes[l] == m && where[l] < arg)) { m = lanes[l]; arg = where[l]; }
+        for (; i < n; i++)
+            if (row[i] > m) { m = row[i]; arg = i; }
+        out[r] = arg;
+    }
 }
 
 /* A read-bandwidth probe for benchmarks (bench/common.py): the sum of n floats, read

@@ -23,12 +23,14 @@ Parents = Sequence[int] | torch.Tensor
 def _as_parents(parents: Parents) -> torch.Tensor:
     """parents as a CPU int64 tensor [T], validated (topological order, -1 for roots)."""
     p = torch.as_tensor(parents, dtype=torch.long).flatten().cpu()
-    idx = torch.arange(p.numel())
     if p.numel() == 0:
         raise ValueError("a tree needs at least one node")
-    if bool(((p < -1) | (p >= idx)).any()):
+    if not all(-1 <= x < i for i, x in enumerate(p.tolist())):
         raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), got {p.tolist()}")
     return p
+
+
+SMALL_TREE = 64  # up to this many nodes, plain Python beats a chain of tiny torch ops
 
 
 def ancestor_mask(parents: Parents) -> torch.Tensor:
@@ -38,6 +40,13 @@ def ancestor_mask(parents: Parents) -> torch.Tensor:
     """
     p = _as_parents(parents)
     t = p.numel()
+    if t <= SMALL_TREE:  # a draft tree: each row is its parent's row plus itself
+        rows: list[list[bool]] = []
+        for i, parent in enumerate(p.tolist()):
+            row = list(rows[parent]) if parent >= 0 else [False] * t
+            row[i] = True
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.bool)
     idx = torch.arange(t)
     # Pointer jumping: after k rounds, mask[i] holds the ancestors at distance < 2**k
     # and jump[i] is the 2**k-th ancestor (a root points at itself, so it saturates).
@@ -57,7 +66,13 @@ def tree_depth(parents: Parents) -> torch.Tensor:
 
     parents: [T]. Returns int64 [T].
     """
-    return ancestor_mask(parents).sum(dim=1) - 1
+    p = _as_parents(parents)
+    if p.numel() <= SMALL_TREE:  # topological order: a parent's depth is known first
+        depth: list[int] = []
+        for parent in p.tolist():
+            depth.append(depth[parent] + 1 if parent >= 0 else 0)
+        return torch.tensor(depth, dtype=torch.long)
+    return ancestor_mask(p).sum(dim=1) - 1
 
 
 def tree_paths(parents: Parents) -> list[list[int]]:

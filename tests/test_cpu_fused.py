@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import random_llama_dir
-from engine.fused import FusedModel
+from engine.fused import FusedModel, argmax_rows
 from engine.runner import ModelRunner, SeqInput, build_model_input
 from kernels.cpu_fused import cpu_flags, unsupported_reason
 
@@ -93,7 +93,13 @@ def test_random_config_trees_and_batches_match_fp32_torch(tmp_path, monkeypatch,
     assert (a.hidden.float() - b.hidden).abs().max().item() <= 0.05 * b.hidden.abs().max().item()
 
 
-def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir):
+TREES = [([-1, 0, 0, 1, 3, 2], (4, 5)),
+         # 21 nodes: a unit's queries fill a 16-row score tile and part of another
+         ([-1, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11, 12, 14, 15, 16, 17], (18, 20))]
+
+
+@pytest.mark.parametrize("parents,leaves", TREES, ids=["6-nodes", "21-nodes"])
+def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, leaves):
     """Verifying a tree in one forward gives, for each node, exactly the logits and hidden
     state of decoding its root-to-node path one token at a time (with another sequence
     sharing the forward), so greedy speculation reproduces plain decoding bit for bit."""
@@ -101,15 +107,18 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir):
     r.allocate_kv(32, 16)
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(0, 49152, (23,), generator=g).tolist()
-    tree = torch.randint(0, 49152, (6,), generator=g).tolist()
-    parents, depth = [-1, 0, 0, 1, 3, 2], [0, 1, 1, 2, 3, 2]
+    tree = torch.randint(0, 49152, (len(parents),), generator=g).tolist()
+    depth = [0] * len(parents)
+    for i, p in enumerate(parents):
+        depth[i] = depth[p] + 1 if p >= 0 else 0
     a_table, b_table, other = [0, 1, 2], [3, 4, 5], [6, 7]
     for table in (a_table, b_table):  # the same prefix twice: identical cache contents
         run(r, [SeqInput(prefix, list(range(23)), table, 0)])
     run(r, [SeqInput(prefix[:5], list(range(5)), other, 0)])
-    t = run(r, [SeqInput(tree, [23 + x for x in depth], a_table, 23, tree_parents=parents, logits_rows=list(range(6))),
+    t = run(r, [SeqInput(tree, [23 + x for x in depth], a_table, 23, tree_parents=parents,
+                         logits_rows=list(range(len(tree)))),
                 SeqInput(prefix[5:6], [5], other, 5)])
-    for node in (4, 5):  # path 0-1-3-4 and path 0-2-5
+    for node in leaves:
         path = [node]
         while parents[path[-1]] >= 0:
             path.append(parents[path[-1]])
@@ -119,7 +128,7 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir):
             out = run(r, [SeqInput([tree[n]], [23 + i], table, 23 + i)])
             assert torch.equal(out.logits[0], t.logits[n]), (node, n)
             assert torch.equal(out.hidden[0], t.hidden[n]), (node, n)
-    assert t.logits.shape == (7, 49152) and t.hidden.dtype == torch.bfloat16  # 6 tree rows + the other sequence
+    assert t.logits.shape == (len(tree) + 1, 49152) and t.hidden.dtype == torch.bfloat16  # + the other sequence
 
 
 def test_fused_only_where_it_applies(tmp_path, monkeypatch):
@@ -226,3 +235,17 @@ def test_fused_medusa_heads_match_torch(default_dir, chat_prompts):
         t1, t2 = fused.propose(["a"], [5])[0], eager.propose(["a"], [5])[0]
         shared += len(set(zip(t1.tokens, t1.parents)) & set(zip(t2.tokens, t2.parents)))
     assert shared >= 0.8 * 8 * 5
+
+
+def test_argmax_rows_matches_torch():
+    """The kernel's row argmax is torch.argmax: first maximum on ties, -inf rows, odd widths."""
+    g = torch.Generator().manual_seed(3)
+    for rows, n in [(1, 49152), (13, 49152), (5, 37), (3, 16)]:
+        x = torch.randn(rows, n, generator=g)
+        x[0, n // 3] = x[0, n // 2] = x[0, -1] = 9.0  # ties: the first wins
+        if rows > 2:
+            x[1] = float("-inf")
+            x[2, :] = 0.0
+        assert argmax_rows(x) == x.argmax(-1).tolist()
+    half = torch.randn(4, 64).to(torch.bfloat16)  # not fp32: torch's own
+    assert argmax_rows(half) == half.argmax(-1).tolist()
