@@ -78,6 +78,7 @@ def load(build_dir: str) -> ctypes.CDLL:
     lib.medusa_forward.argtypes = [p, ctypes.c_int64, p, p, p]  # const Medusa*, B, x, feats, logits
     lib.fused_amx_enable.restype = i
     lib.fused_argmax.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int64]
+    lib.fused_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int64]
     lib.fused_stream_sum.restype = ctypes.c_double
     lib.fused_stream_sum.argtypes = [p, ctypes.c_int64, ctypes.c_int64]
     lib.fused_alloc.restype = p

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import random_llama_dir
-from engine.fused import FusedModel, argmax_rows
+from engine.fused import FusedModel, argmax_rows, topk_logprobs
 from engine.runner import ModelRunner, SeqInput, build_model_input
 from kernels.cpu_fused import cpu_flags, unsupported_reason
 
@@ -249,3 +249,18 @@ def test_argmax_rows_matches_torch():
         assert argmax_rows(x) == x.argmax(-1).tolist()
     half = torch.randn(4, 64).to(torch.bfloat16)  # not fp32: torch's own
     assert argmax_rows(half) == half.argmax(-1).tolist()
+
+
+def test_topk_logprobs_matches_torch():
+    """The kernel's top-k log-probabilities equal torch's topk of log_softmax (values to
+    fp32 rounding, the same indices; ties are broken by the lower index)."""
+    g = torch.Generator().manual_seed(4)
+    for rows, n, k in [(1, 8192, 10), (4, 8192, 8), (3, 49152, 1), (2, 37, 5), (5, 100, 64)]:
+        x = torch.randn(rows, n, generator=g) * 3
+        vals, idx = topk_logprobs(x, k)
+        ref_vals, ref_idx = torch.log_softmax(x, -1).topk(k, dim=-1)
+        assert torch.equal(idx, ref_idx), (rows, n, k)
+        assert torch.allclose(vals, ref_vals, atol=1e-5), (vals - ref_vals).abs().max()
+    x = torch.zeros(1, 40)
+    x[0, [7, 3, 30]] = 2.0  # ties: lower index first
+    assert topk_logprobs(x, 3)[1].tolist() == [[3, 7, 30]]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from engine.fused import topk_logprobs
 from engine.parallel import linear
 
 
@@ -37,8 +38,7 @@ class DraftHead(nn.Module):
 
     def topk_of_logits(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits over the draft vocabulary [n, Vd] -> topk's (log-probs, target ids)."""
-        vals, idx = logits.topk(k, dim=-1)  # log-softmax only where it is kept: k of Vd values
-        vals = vals - torch.logsumexp(logits, dim=-1, keepdim=True)
+        vals, idx = topk_logprobs(logits, k)
         return vals, (idx if self.ids is None else self.ids[idx])
 
 
