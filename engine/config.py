@@ -184,7 +184,13 @@ def auto_draft_min_prob(device: str = "cpu") -> float:
 
 def auto_tree_budget(device: str = "cpu") -> int:
     """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
-    verifying them costs about one step), 5 on a CPU: with the fused CPU forward a 6-token
-    verify step costs ~1.2x a one-token step and 9 tokens ~1.5x, and 5-node trees gave the
-    best speedup for both drafters (bench/speculative.py, docs/benchmarks.md)."""
-    return 60 if device.startswith("cuda") else 5
+    verifying them costs about one step). On a CPU it is what verifying extra rows costs:
+    with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.15x a one-token
+    step and 8-node trees gave both drafters their best speedup; with AVX512-BF16 dot
+    products alone 9 tokens cost ~1.5x and 5 nodes was best (bench/speculative.py,
+    docs/benchmarks.md)."""
+    if device.startswith("cuda"):
+        return 60
+    from kernels.cpu_fused import cpu_flags
+
+    return 8 if {"amx_bf16", "amx_tile"} <= cpu_flags() else 5
