@@ -212,8 +212,9 @@ class FusedModel(_Packed):
         self.inv_freq = inv_freq.float().contiguous()
         self.fc_bias = fc_bias.detach().to(torch.bfloat16).contiguous() if fc_bias is not None else None
         intermediate = layers[0][3].shape[1]
-        # Attention scores on AMX tiles too, for any row count (see qk_scores_amx).
-        self.amx_attention = cpu_fused.use_amx(self.lib) and head_dim % 32 == 0 and head_dim <= 256
+        # Attention on AMX tiles too, for any row count (qk_scores_amx, values_amx).
+        self.amx_attention = (cpu_fused.use_amx(self.lib) and head_dim % 32 == 0 and head_dim <= 256
+                              and heads // kv_heads <= 16)
         self.model = _Model(hidden, heads, kv_heads, head_dim, intermediate, len(layers), self.vocab, threads,
                             0 if fc is None else fc.shape[1], int(self.amx_attention), eps, head_dim ** -0.5,
                             _t(self.shares), _t(self.norm_ptrs), _t(self.embed), _t(self.inv_freq), _t(self.fc_bias))

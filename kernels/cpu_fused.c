@@ -190,6 +190,17 @@ typedef struct {
  * (releasing after every GEMV made one-row steps ~40% slower). */
 static __thread int tiles_in_use;
 
+/* GCC does not model that LDTILECFG and TILELOADD read memory: stores to a local buffer
+ * that only a tile instruction reads may be dropped as dead. This barrier, taking the
+ * buffer's address, makes them happen first. */
+#define WRITTEN_FOR_TILES(p) __asm__ volatile("" : : "r"(p) : "memory")
+
+static void load_tile_config(const TileConfig* c) {
+    WRITTEN_FOR_TILES(c);
+    _tile_loadconfig(c);
+    tiles_in_use = 1;
+}
+
 static void amx_config(int ma, int mb) {
     TileConfig c;
     memset(&c, 0, sizeof c);
@@ -199,8 +210,7 @@ static void amx_config(int ma, int mb) {
         c.rows[i] = (uint8_t)rows[i];
         c.colsb[i] = rows[i] ? 64 : 0;
     }
-    _tile_loadconfig(&c);
-    tiles_in_use = 1;
+    load_tile_config(&c);
 }
 
 static void amx_release(void) {
@@ -372,8 +382,7 @@ static void qk_scores_amx(const bf16* q, int G, const bf16* kbase, const int64_t
         c.rows[i] = (uint8_t)rows[i];
         c.colsb[i] = rows[i] ? 64 : 0;
     }
-    _tile_loadconfig(&c);
-    tiles_in_use = 1;
+    load_tile_config(&c);
     __m512i kt[8][16];  /* per 32 dims: 16 rows (dim pairs) x 16 keys */
     for (int i = 0; i < n; i += 16) {
         const int nk = n - i < 16 ? n - i : 16;
@@ -384,6 +393,7 @@ static void qk_scores_amx(const bf16* q, int G, const bf16* kbase, const int64_t
                 kt[kb][r] = r < nk ? _mm512_loadu_si512(kbase + ks[i + r] * stride + kb * 32) : _mm512_setzero_si512();
             transpose16(kt[kb]);
         }
+        WRITTEN_FOR_TILES(kt);
 /* scores of the queries from g0 (tiles: accumulator CT, queries AT) against this key block;
  * a macro because tile numbers must be immediates */
 #define QK_GROUP(CT, AT, g0)                                                   \
@@ -458,6 +468,122 @@ static void weighted_values(const float* p, int ld, int G, const bf16* vbase, co
         }
     }
 }
+
+/* AMX for the V sums: A = probabilities (bf16, up to 16 queries x 32 keys), B = 32 V rows
+ * pair-interleaved for 16 dims, C = 16 queries x 16 dims (fp32). Tiles 0-3 accumulate
+ * four 16-dim column blocks, 4 holds A, 5 holds B. */
+static void pv_config(int rows) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 6; i++) {
+        c.rows[i] = (uint8_t)(i == 5 ? 16 : rows);
+        c.colsb[i] = 64;
+    }
+    load_tile_config(&c);
+}
+
+/* a[r][k] = bf16(p[r * ldp + k]) for k < valid, 0 after; rows x 32. */
+static void pv_probs(const float* p, int ldp, int rows, int valid, bf16 a[16][32]) {
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 32; h += 16) {
+            const int left = valid - h < 0 ? 0 : valid - h;
+            _mm256_storeu_si256((__m256i*)(a[r] + h), cvt16_bf16(_mm512_maskz_loadu_ps(tail16(left), p + (size_t)r * ldp + h)));
+        }
+}
+
+/* b: 16 rows (key pairs) x [16 dims x 2 keys] from 32 V rows (NULL: a zero row), dims d0.. */
+static void pv_values(const bf16* const v[32], int d0, bf16 b[16][32]) {
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int p = 0; p < 16; p++) {
+        const __m512i a = v[2 * p] ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(v[2 * p] + d0)))
+                                   : _mm512_setzero_si512();
+        const __m512i c = v[2 * p + 1] ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(v[2 * p + 1] + d0)))
+                                       : _mm512_setzero_si512();
+        _mm512_storeu_si512(b[p], _mm512_permutex2var_epi16(a, idx, c));
+    }
+}
+
+/* C tiles 0..nb-1 += A (probabilities of `rows` queries over one 32-key tile, from p) x
+ * the tile's V rows, for the column blocks from cb0. */
+static void pv_tile(const float* p, int ldp, int rows, int valid, const bf16* const v[32], int cb0, int nb) {
+    bf16 a[16][32] __attribute__((aligned(64))), b[16][32] __attribute__((aligned(64)));
+    pv_probs(p, ldp, rows, valid, a);
+    WRITTEN_FOR_TILES(a);
+    _tile_loadd(4, a, 64);
+#define PV_BLOCK(C)                                            \
+    if (nb > C) {                                              \
+        pv_values(v, (cb0 + C) * 16, b);                       \
+        WRITTEN_FOR_TILES(b);                                  \
+        _tile_loadd(5, b, 64);                                 \
+        _tile_dpbf16ps(C, 4, 5);                               \
+    }
+    PV_BLOCK(0) PV_BLOCK(1) PV_BLOCK(2) PV_BLOCK(3)
+#undef PV_BLOCK
+}
+
+#define PV_TILES(OP)                                                            \
+    do {                                                                        \
+        if (nb > 0) OP(0, out + (size_t)0 * 16);                                \
+        if (nb > 1) OP(1, out + (size_t)1 * 16);                                \
+        if (nb > 2) OP(2, out + (size_t)2 * 16);                                \
+        if (nb > 3) OP(3, out + (size_t)3 * 16);                                \
+    } while (0)
+#define PV_LOAD(C, at) _tile_loadd(C, at, (long)D * 4)
+#define PV_STORE(C, at) _tile_stored(C, at, (long)D * 4)
+#define PV_ZERO(C, at) _tile_zero(C)
+
+/* One attention unit's V sums on AMX tiles: nr rows of `group` queries each; row i's
+ * probabilities sit at sc[(i * group + j) * ld + k] over its key list (the ctx prefix
+ * slots ps, then its own slots own[i][0 .. own_n[i])); out: fp32 [nr * group, D].
+ * Every row's list is cut into 32-key tiles from its start: tiles wholly inside the
+ * prefix are summed once for all the unit's queries, the rest per row, continuing the
+ * same accumulators, so a row's result is the same chain of tile products whether a key
+ * was prefix or its own (tree rows stay bit-identical to decoding). Probabilities are
+ * rounded to bf16 for the tiles, as in flash attention. D % 16 == 0, group <= 16. */
+static void values_amx(const float* sc, int ld, int nr, int group, int D, const bf16* vb, int64_t stride,
+                       const int64_t* ps, int ctx, const int64_t* own_slots, const int64_t* own_at,
+                       const int* own_n, int r0, float* ob) {
+    const int Q = nr * group, shared = ctx / 32, DB = D / 16;
+    const bf16* v[32];
+    for (int q0 = 0; q0 < Q; q0 += 16) {
+        const int mq = Q - q0 < 16 ? Q - q0 : 16;
+        pv_config(mq);
+        for (int cb0 = 0; cb0 < DB; cb0 += 4) {
+            const int nb = DB - cb0 < 4 ? DB - cb0 : 4;
+            float* out = ob + (size_t)q0 * D + cb0 * 16;
+            PV_TILES(PV_ZERO);
+            for (int t = 0; t < shared; t++) {
+                for (int k = 0; k < 32; k++) v[k] = vb + ps[t * 32 + k] * stride;
+                pv_tile(sc + (size_t)q0 * ld + t * 32, ld, mq, 32, v, cb0, nb);
+            }
+            PV_TILES(PV_STORE);
+        }
+    }
+    pv_config(group);
+    for (int i = 0; i < nr; i++) {
+        const int64_t* own = own_slots + own_at[r0 + i];
+        const int n = ctx + own_n[r0 + i];
+        for (int cb0 = 0; cb0 < DB; cb0 += 4) {
+            const int nb = DB - cb0 < 4 ? DB - cb0 : 4;
+            float* out = ob + (size_t)i * group * D + cb0 * 16;
+            PV_TILES(PV_LOAD);
+            for (int k0 = shared * 32; k0 < n; k0 += 32) {
+                for (int k = 0; k < 32; k++) {
+                    const int key = k0 + k;
+                    v[k] = key >= n ? NULL : vb + (key < ctx ? ps[key] : own[key - ctx]) * stride;
+                }
+                pv_tile(sc + (size_t)i * group * ld + k0, ld, group, n - k0, v, cb0, nb);
+            }
+            PV_TILES(PV_STORE);
+        }
+    }
+}
+#undef PV_TILES
+#undef PV_LOAD
+#undef PV_STORE
+#undef PV_ZERO
 
 /* ---- the forward -------------------------------------------------------------------- */
 
@@ -654,13 +780,16 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                               D, scale, sc + (size_t)i * group * ld + ctx, ld);
                     for (int j = 0; j < group; j++) softmax(sc + (size_t)(i * group + j) * ld, ctx + own_n[r]);
                 }
-                weighted_values(sc, ld, Q, vb, ps, NKV * D, ctx, D, ob, 0);
-                for (int i = 0; i < nr; i++) {
-                    const int r = r0 + i;
-                    weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + own_at[r],
-                                    NKV * D, own_n[r], D, ob + (size_t)i * group * D, 1);
-                    to_bf16(ob + (size_t)i * group * D, xb + (size_t)r * NH * D + kvh * group * D, group * D);
+                if (mdl->amx_attention) {
+                    values_amx(sc, ld, nr, group, D, vb, NKV * D, ps, ctx, own_slots, own_at, own_n, r0, ob);
+                } else {
+                    weighted_values(sc, ld, Q, vb, ps, NKV * D, ctx, D, ob, 0);
+                    for (int i = 0; i < nr; i++)
+                        weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + own_at[r0 + i],
+                                        NKV * D, own_n[r0 + i], D, ob + (size_t)i * group * D, 1);
                 }
+                for (int i = 0; i < nr; i++)
+                    to_bf16(ob + (size_t)i * group * D, xb + (size_t)(r0 + i) * NH * D + kvh * group * D, group * D);
             }
             gemv_share(&sh[1 * T + t], NH * D, xb, NH * D, M, o, H);
 #pragma omp barrier
