@@ -46,15 +46,19 @@ def shipped_drafter(device: str = "cpu") -> str | None:
     """The kind of drafter shipped under assets/ for the default model, if any.
 
     Preference by device: EAGLE on GPUs (higher acceptance, and its per-depth drafting
-    is cheap there); Medusa first on CPUs, where EAGLE's sequential drafting costs
-    as much as its extra acceptance buys and Medusa served equal or better throughput
-    and tail latency at every load level of bench/load.py (docs/benchmarks.md).
+    is cheap there) and on CPUs with AMX tiles, where the fused kernel verifies a tree
+    for ~1.2x a plain step and EAGLE served more tokens/s than Medusa at every load
+    level of bench/load.py (session 9); Medusa first on other CPUs, where EAGLE's
+    sequential drafting cost as much as its extra acceptance bought (sessions 3-8,
+    docs/benchmarks.md).
     """
     try:
         from engine.drafters.loading import shipped_drafter as path_of
+        from kernels.cpu_fused import cpu_flags
     except ImportError:
         return None
-    order = ("eagle", "medusa") if device.startswith("cuda") else ("medusa", "eagle")
+    eagle_first = device.startswith("cuda") or {"amx_bf16", "amx_tile"} <= cpu_flags()
+    order = ("eagle", "medusa") if eagle_first else ("medusa", "eagle")
     return next((k for k in order if os.path.exists(os.path.join(path_of(k), "config.json"))), None)
 
 
