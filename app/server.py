@@ -54,10 +54,10 @@ def shipped_drafter(device: str = "cpu") -> str | None:
     """
     try:
         from engine.drafters.loading import shipped_drafter as path_of
-        from kernels.cpu_fused import cpu_flags
+        from kernels.cpu_fused import has_amx
     except ImportError:
         return None
-    eagle_first = device.startswith("cuda") or {"amx_bf16", "amx_tile"} <= cpu_flags()
+    eagle_first = device.startswith("cuda") or has_amx()
     order = ("eagle", "medusa") if eagle_first else ("medusa", "eagle")
     return next((k for k in order if os.path.exists(os.path.join(path_of(k), "config.json"))), None)
 

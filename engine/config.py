@@ -191,6 +191,6 @@ def auto_tree_budget(device: str = "cpu") -> int:
     docs/benchmarks.md)."""
     if device.startswith("cuda"):
         return 60
-    from kernels.cpu_fused import cpu_flags
+    from kernels.cpu_fused import has_amx
 
-    return 8 if {"amx_bf16", "amx_tile"} <= cpu_flags() else 5
+    return 8 if has_amx() else 5

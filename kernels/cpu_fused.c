@@ -195,22 +195,24 @@ static __thread int tiles_in_use;
  * buffer's address, makes them happen first. */
 #define WRITTEN_FOR_TILES(p) __asm__ volatile("" : : "r"(p) : "memory")
 
-static void load_tile_config(const TileConfig* c) {
-    WRITTEN_FOR_TILES(c);
-    _tile_loadconfig(c);
-    tiles_in_use = 1;
-}
-
-static void amx_config(int ma, int mb) {
+/* Configures tiles 0-7 with rows[i] rows of 64 bytes each (0: unused; touching an
+ * unconfigured tile faults). */
+static void load_tile_config(const int rows[8]) {
     TileConfig c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    const int rows[8] = {ma, ma, mb, mb, ma, mb, 16, 16};
     for (int i = 0; i < 8; i++) {
         c.rows[i] = (uint8_t)rows[i];
         c.colsb[i] = rows[i] ? 64 : 0;
     }
-    load_tile_config(&c);
+    WRITTEN_FOR_TILES(&c);
+    _tile_loadconfig(&c);
+    tiles_in_use = 1;
+}
+
+static void amx_config(int ma, int mb) {
+    const int rows[8] = {ma, ma, mb, mb, ma, mb, 16, 16};
+    load_tile_config(rows);
 }
 
 static void amx_release(void) {
@@ -374,15 +376,8 @@ static inline void transpose16(__m512i r[16]) {
 static void qk_scores_amx(const bf16* q, int G, const bf16* kbase, const int64_t* ks, int64_t stride, int n, int D,
                           float scale, float* sc, int ld) {
     const int KB = D / 32, full = G / 16 * 16, tail = G - full;
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    const int rows[5] = {16, 16, 16, tail, tail};  /* C, A (full query blocks); B; C, A (the rest) */
-    for (int i = 0; i < 5; i++) {
-        c.rows[i] = (uint8_t)rows[i];
-        c.colsb[i] = rows[i] ? 64 : 0;
-    }
-    load_tile_config(&c);
+    const int rows[8] = {16, 16, 16, tail, tail, 0, 0, 0};  /* C, A (full query blocks); B; C, A (the rest) */
+    load_tile_config(rows);
     __m512i kt[8][16];  /* per 32 dims: 16 rows (dim pairs) x 16 keys */
     for (int i = 0; i < n; i += 16) {
         const int nk = n - i < 16 ? n - i : 16;
@@ -472,15 +467,9 @@ static void weighted_values(const float* p, int ld, int G, const bf16* vbase, co
 /* AMX for the V sums: A = probabilities (bf16, up to 16 queries x 32 keys), B = 32 V rows
  * pair-interleaved for 16 dims, C = 16 queries x 16 dims (fp32). Tiles 0-3 accumulate
  * four 16-dim column blocks, 4 holds A, 5 holds B. */
-static void pv_config(int rows) {
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 6; i++) {
-        c.rows[i] = (uint8_t)(i == 5 ? 16 : rows);
-        c.colsb[i] = 64;
-    }
-    load_tile_config(&c);
+static void pv_config(int queries) {
+    const int rows[8] = {queries, queries, queries, queries, queries, 16, 0, 0};
+    load_tile_config(rows);
 }
 
 /* a[r][k] = bf16(p[r * ldp + k]) for k < valid, 0 after; rows x 32. */

@@ -37,6 +37,11 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX-BF16 tiles (whether Linux grants them: ``use_amx``)."""
+    return {"amx_bf16", "amx_tile"} <= cpu_flags()
+
+
 def unsupported_reason() -> str | None:
     """None when the kernel can run on this machine, else a one-line reason."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -95,5 +100,5 @@ def use_amx(lib: ctypes.CDLL) -> bool:
     if os.environ.get("TREESPEC_CPU_AMX", "1") == "0":
         return False
     if _amx is None:
-        _amx = {"amx_bf16", "amx_tile"} <= cpu_flags() and lib.fused_amx_enable() == 0
+        _amx = has_amx() and lib.fused_amx_enable() == 0
     return _amx

@@ -34,12 +34,12 @@ def test_app_args_from_command_line_strings():
 def test_device_dependent_defaults():
     import torch
 
-    from kernels.cpu_fused import cpu_flags
+    from kernels.cpu_fused import has_amx
 
     cpu = AppConfig.from_args({})
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    amx = {"amx_bf16", "amx_tile"} <= cpu_flags()  # multi-row verification is cheap on AMX tiles
-    assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == (8 if amx else 5)
+    # multi-row verification is cheap on AMX tiles
+    assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == (8 if has_amx() else 5)
     assert cpu.engine_config("eagle").draft_vocab_size == 8192  # small CPU trees: a cheaper draft head
     gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
     assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)

@@ -15,10 +15,10 @@ import torch
 from conftest import random_llama_dir
 from engine.fused import FusedModel, argmax_rows, topk_logprobs
 from engine.runner import ModelRunner, SeqInput, build_model_input
-from kernels.cpu_fused import cpu_flags, unsupported_reason
+from kernels.cpu_fused import has_amx, unsupported_reason
 
 pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused CPU kernel: {unsupported_reason()}")
-HAS_AMX = {"amx_bf16", "amx_tile"} <= cpu_flags()
+HAS_AMX = has_amx()
 
 
 def run(runner: ModelRunner, seqs: list[SeqInput]):
