@@ -429,9 +429,13 @@ class LLMServer:
                     return
                 if first is None:
                     first = upd
-                    self._phase_span(span, "llm.queue", arrival, upd.step_start, {})
+                    # One perf -> wall mapping for all of this request's phase spans, so a
+                    # boundary they share (queue end = prefill start, prefill end = decode
+                    # start) gets the same timestamp in both.
+                    clock = (time.perf_counter(), time.time_ns())
+                    self._phase_span(span, "llm.queue", arrival, upd.step_start, {}, clock)
                     self._phase_span(span, "llm.prefill", upd.step_start, upd.step_end, {
-                        "treespec.batch_size": upd.batch_size, "treespec.prompt_tokens": len(prompt_ids)})
+                        "treespec.batch_size": upd.batch_size, "treespec.prompt_tokens": len(prompt_ids)}, clock)
                     if upd.finish_reason not in ("error", "abort"):
                         # Only now, admitted and prefilled, does the caller commit to a 200 (and SSE headers):
                         # a request that cannot be admitted still gets its 503 as an HTTP status.
@@ -480,7 +484,7 @@ class LLMServer:
                     "treespec.speculation.mode": self._mode(last.tree_budget if last else 0),
                     "treespec.finish_reason": (last.finish_reason if last and last.finished else None)
                     or ("stop" if done else "cancelled"),
-                })
+                }, clock)
             span.set_attribute("treespec.completion_tokens", n_out)
             if not done:
                 span.set_attribute("treespec.cancelled", True)
@@ -501,12 +505,15 @@ class LLMServer:
             "treespec.router.reason": d.get("reason", "static (no router decision yet)"),
         })
 
-    def _phase_span(self, parent, name: str, start: float, end: float, attrs: dict) -> None:
+    def _phase_span(self, parent, name: str, start: float, end: float, attrs: dict,
+                    clock: tuple[float, int] | None = None) -> None:
+        """A child span of parent from perf_counter readings; clock: (perf_counter, time_ns)
+        read together, to map several spans' times the same way (default: read now)."""
         if not self.tracing.enabled:
             return
         from opentelemetry import trace
 
-        now_perf, now_ns = time.perf_counter(), time.time_ns()
+        now_perf, now_ns = clock or (time.perf_counter(), time.time_ns())
         s = self.tracing.tracer.start_span(name, context=trace.set_span_in_context(parent), attributes=attrs,
                                            start_time=wall_ns(start, now_perf, now_ns))
         s.end(end_time=wall_ns(max(end, start), now_perf, now_ns))
