@@ -654,13 +654,20 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     int64_t* own_at = malloc(sizeof(int64_t) * (M + 1));
     int* own_n = malloc(sizeof(int) * M);
     /* Units of attention work: (sequence, KV head, part of its rows); a tree's rows are
-     * split in T parts so every thread has work, and each part reads the prefix once. */
-    int* units = malloc(sizeof(int) * 4 * (size_t)(B * NKV * T + 1));
-    if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units) {
+     * split in T parts so every thread has work, and each part reads the prefix once.
+     * A part's own keys are scored once for all its queries, against the union of its
+     * rows' visible new slots (uni_slots); own_col maps each row's k-th own key to its
+     * column there. (One tile pass per unit: per row, the tile setup cost more than the
+     * few scores.) */
+    int* units = malloc(sizeof(int) * 6 * (size_t)(B * NKV * T + 1));
+    int* own_col = malloc(sizeof(int) * (n_own + 1));
+    int64_t* uni_slots = malloc(sizeof(int64_t) * (n_own + (int64_t)T * M + 1));
+    if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units || !own_col || !uni_slots) {
         free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
+        free(own_col); free(uni_slots);
         return -1;
     }
-    int n_units = 0, max_part = 1;
+    int n_units = 0, max_part = 1, n_uni = 0, max_uni = 0;
     prefix_at[0] = 0;
     for (int b = 0; b < B; b++) {
         const int32_t* bt = block_tables + (size_t)b * max_blocks;
@@ -679,16 +686,35 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
             own_at[r] = (int64_t)r * max_new;
             for (int j = 0; j < n_new; j++) {
                 int sees = tree_mask ? tree_mask[(size_t)r * mask_cols + j] : (first + j <= r);
-                if (sees) own_slots[own_at[r] + own_n[r]++] = slots[first + j];
+                if (sees) {
+                    own_col[own_at[r] + own_n[r]] = j;  /* the union below is the sequence's new slots */
+                    own_slots[own_at[r] + own_n[r]++] = slots[first + j];
+                }
             }
         }
         const int parts = n_new < T ? n_new : T, per = (n_new + parts - 1) / parts;
         max_part = per > max_part ? per : max_part;
-        for (int kvh = 0; kvh < NKV; kvh++)
-            for (int r0 = first; r0 < first + n_new; r0 += per) {
-                int* u = units + 4 * n_units++;
-                u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r0 + per < first + n_new ? r0 + per : first + n_new;
+        for (int r0 = first; r0 < first + n_new; r0 += per) {
+            const int r1 = r0 + per < first + n_new ? r0 + per : first + n_new, at = n_uni;
+            for (int r = r0; r < r1; r++)
+                for (int k = 0; k < own_n[r]; k++) {
+                    if (bt_->vis_ptr) {  /* first-seen order; draft trees are small */
+                        const int64_t slot = own_slots[own_at[r] + k];
+                        int j = at;
+                        while (j < n_uni && uni_slots[j] != slot) j++;
+                        if (j == n_uni) uni_slots[n_uni++] = slot;
+                        own_col[own_at[r] + k] = j - at;
+                    } else {
+                        const int j = own_col[own_at[r] + k];
+                        while (n_uni - at <= j) { uni_slots[n_uni] = slots[first + n_uni - at]; n_uni++; }
+                    }
+                }
+            max_uni = n_uni - at > max_uni ? n_uni - at : max_uni;
+            for (int kvh = 0; kvh < NKV; kvh++) {
+                int* u = units + 6 * n_units++;
+                u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r1; u[4] = at; u[5] = n_uni - at;
             }
+        }
     }
     int max_keys = 1;
     for (int r = 0; r < M; r++)
@@ -703,9 +729,16 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     float* scores = malloc(sizeof(float) * (size_t)T * QU * ld);
     bf16* qbuf = malloc(sizeof(bf16) * (size_t)T * QU * D);
     float* obuf = malloc(sizeof(float) * (size_t)T * QU * D);
-    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf) {
-        free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
-        free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
+    const int uld = (max_uni + 31) / 16 * 16;  /* a query's scores against its part's own keys */
+    float* own_scores = malloc(sizeof(float) * (size_t)T * QU * uld);
+#define FREE_SCRATCH()                                                                            \
+    do {                                                                                          \
+        free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
+        free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
+        free(own_at); free(own_n); free(units); free(own_col); free(uni_slots);                   \
+    } while (0)
+    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores) {
+        FREE_SCRATCH();
         return -1;
     }
     for (int r = 0; r < M; r++) {
@@ -726,6 +759,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         float* sc = scores + (size_t)t * QU * ld;
         bf16* qb = qbuf + (size_t)t * QU * D;
         float* ob = obuf + (size_t)t * QU * D;
+        float* us = own_scores + (size_t)t * QU * uld;
         if (FC) {  /* EAGLE: x = fc([embedding ; feature]) + bias */
             gemv_share(&shares[(size_t)(4 * L + 1) * T + t], FC, bt_->inputs, FC, M, x, H);
 #pragma omp barrier
@@ -755,7 +789,8 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
             }
 #pragma omp for schedule(dynamic, 1)
             for (int u = 0; u < n_units; u++) {
-                const int b = units[4 * u], kvh = units[4 * u + 1], r0 = units[4 * u + 2], nr = units[4 * u + 3] - r0;
+                const int* un = units + 6 * u;
+                const int b = un[0], kvh = un[1], r0 = un[2], nr = un[3] - r0;
                 const int ctx = context_lens[b], Q = nr * group;
                 const int64_t* ps = prefix_slots + prefix_at[b];
                 const bf16* kb = kc + kvh * D;
@@ -763,11 +798,16 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                 for (int i = 0; i < nr; i++)  /* queries: the group's heads of each row, bf16 */
                     to_bf16(y + (size_t)(r0 + i) * QKV + kvh * group * D, qb + (size_t)i * group * D, group * D);
                 qk(qb, Q, kb, ps, NKV * D, ctx, D, scale, sc, ld);
-                for (int i = 0; i < nr; i++) {
+                if (un[5]) qk(qb, Q, kb, uni_slots + un[4], NKV * D, un[5], D, scale, us, uld);
+                for (int i = 0; i < nr; i++) {  /* each row's own keys after its prefix, then softmax */
                     const int r = r0 + i;
-                    qk(qb + (size_t)i * group * D, group, kb, own_slots + own_at[r], NKV * D, own_n[r],
-                              D, scale, sc + (size_t)i * group * ld + ctx, ld);
-                    for (int j = 0; j < group; j++) softmax(sc + (size_t)(i * group + j) * ld, ctx + own_n[r]);
+                    const int* cols = own_col + own_at[r];
+                    for (int j = 0; j < group; j++) {
+                        float* row = sc + (size_t)(i * group + j) * ld;
+                        const float* from = us + (size_t)(i * group + j) * uld;
+                        for (int k = 0; k < own_n[r]; k++) row[ctx + k] = from[cols[k]];
+                        softmax(row, ctx + own_n[r]);
+                    }
                 }
                 if (mdl->amx_attention) {
                     values_amx(sc, ld, nr, group, D, vb, NKV * D, ps, ctx, own_slots, own_at, own_n, r0, ob);
@@ -821,8 +861,8 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         if (R > 0) gemv_share(&shares[(size_t)4 * L * T + t], H, xb, H, R, logits, V);
         amx_release();
     }
-    free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf); free(obuf);
-    free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
+    FREE_SCRATCH();
+#undef FREE_SCRATCH
     return 0;
 }
 
