@@ -647,6 +647,9 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         n_prefix += context_lens[b];
         max_new = qsl[b + 1] - qsl[b] > max_new ? qsl[b + 1] - qsl[b] : max_new;
     }
+    /* Scratch sized once the key lists are known (NULL until then, so one cleanup frees all). */
+    float* x = NULL, * y = NULL, * o = NULL, * cs = NULL, * scores = NULL, * obuf = NULL, * own_scores = NULL;
+    bf16* xb = NULL, * act = NULL, * qbuf = NULL;
     int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
     int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
     const int64_t n_own = bt_->vis_ptr ? bt_->vis_ptr[M] : (int64_t)M * max_new;
@@ -662,9 +665,14 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     int* units = malloc(sizeof(int) * 6 * (size_t)(B * NKV * T + 1));
     int* own_col = malloc(sizeof(int) * (n_own + 1));
     int64_t* uni_slots = malloc(sizeof(int64_t) * (n_own + (int64_t)T * M + 1));
+#define FREE_SCRATCH()                                                                            \
+    do {                                                                                          \
+        free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
+        free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
+        free(own_at); free(own_n); free(units); free(own_col); free(uni_slots);                   \
+    } while (0)
     if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units || !own_col || !uni_slots) {
-        free(prefix_slots); free(prefix_at); free(own_slots); free(own_at); free(own_n); free(units);
-        free(own_col); free(uni_slots);
+        FREE_SCRATCH();
         return -1;
     }
     int n_units = 0, max_part = 1, n_uni = 0, max_uni = 0;
@@ -719,24 +727,18 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     int max_keys = 1;
     for (int r = 0; r < M; r++)
         if (context_lens[row_seq[r]] + own_n[r] > max_keys) max_keys = context_lens[row_seq[r]] + own_n[r];
-    float* x = malloc(sizeof(float) * M * H);              /* residual stream */
-    float* y = malloc(sizeof(float) * M * (QKV > 2 * I ? QKV : 2 * I));  /* GEMV outputs */
-    float* o = malloc(sizeof(float) * M * H);
-    bf16* xb = malloc(sizeof(bf16) * M * XB);              /* bf16 GEMV input */
-    bf16* act = malloc(sizeof(bf16) * M * I);              /* SwiGLU output */
-    float* cs = malloc(sizeof(float) * M * half * 2);      /* cos, sin per row */
+    x = malloc(sizeof(float) * M * H);              /* residual stream */
+    y = malloc(sizeof(float) * M * (QKV > 2 * I ? QKV : 2 * I));  /* GEMV outputs */
+    o = malloc(sizeof(float) * M * H);
+    xb = malloc(sizeof(bf16) * M * XB);              /* bf16 GEMV input */
+    act = malloc(sizeof(bf16) * M * I);              /* SwiGLU output */
+    cs = malloc(sizeof(float) * M * half * 2);      /* cos, sin per row */
     const int ld = (max_keys + 31) / 16 * 16, QU = max_part * group;  /* one query's scores; queries per unit */
-    float* scores = malloc(sizeof(float) * (size_t)T * QU * ld);
-    bf16* qbuf = malloc(sizeof(bf16) * (size_t)T * QU * D);
-    float* obuf = malloc(sizeof(float) * (size_t)T * QU * D);
+    scores = malloc(sizeof(float) * (size_t)T * QU * ld);
+    qbuf = malloc(sizeof(bf16) * (size_t)T * QU * D);
+    obuf = malloc(sizeof(float) * (size_t)T * QU * D);
     const int uld = (max_uni + 31) / 16 * 16;  /* a query's scores against its part's own keys */
-    float* own_scores = malloc(sizeof(float) * (size_t)T * QU * uld);
-#define FREE_SCRATCH()                                                                            \
-    do {                                                                                          \
-        free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
-        free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
-        free(own_at); free(own_n); free(units); free(own_col); free(uni_slots);                   \
-    } while (0)
+    own_scores = malloc(sizeof(float) * (size_t)T * QU * uld);
     if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores) {
         FREE_SCRATCH();
         return -1;
