@@ -31,6 +31,7 @@ class AppConfig:
     # the router picks 0..tree_budget
     draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 8192 on CPU, all on GPU; 0: all)
     draft_min_prob: float | None = None  # EAGLE: no deeper drafting below this path probability (None: 0.35 CPU, 0 GPU)
+    draft_int8: bool = True  # CPU drafters keep int8 weights where the CPU has AMX-INT8 (output unchanged)
     max_num_seqs: int = 16
     max_model_len: int = 2048
     num_blocks: int | None = None
@@ -124,7 +125,7 @@ class AppConfig:
             num_blocks=self.num_blocks, kv_cache_gib=self.kv_cache_gib, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len, speculation=speculation, draft_path=self.draft_path,
             tree_budget=self.tree_budget if speculation != "off" else 0, draft_vocab_size=self.draft_vocab_size,
-            draft_min_prob=self.draft_min_prob,
+            draft_min_prob=self.draft_min_prob, draft_int8=self.draft_int8,
         )
 
     def to_dict(self) -> dict:

@@ -111,6 +111,9 @@ def main():
                     help="draft-head rows, most frequent first (default: the server's CPU default; 0: all)")
     ap.add_argument("--draft-min-prob", type=float, default=None,
                     help="EAGLE's cost-aware stop (default: the server's CPU default; 0: exact EAGLE-2 search)")
+    ap.add_argument("--draft-int8", default="on", choices=["on", "off", "both"],
+                    help="int8 drafter weights where the CPU has AMX-INT8 (on: the engine default); both: "
+                         "also run the drafters on bf16 weights, reported as eagle_bf16 / medusa_bf16")
     args = ap.parse_args()
     if args.from_json:
         if not args.plot:
@@ -140,13 +143,17 @@ def main():
     params = SamplingParams(max_tokens=args.max_tokens)
 
     # The engines share the executor's KV cache: safe because one request runs at a time.
+    # (name, drafter kind, int8 weights) per speculative mode
+    variants = [(k, k, args.draft_int8 != "off") for k in ("eagle", "medusa")]
+    if args.draft_int8 == "both":
+        variants += [(f"{k}_bf16", k, False) for k in ("eagle", "medusa")]
     engines = {}
-    for kind, budget in [("off", 0)] + [(k, b) for b in budgets for k in ("eagle", "medusa")]:
+    for name, kind, int8, budget in [("off", "off", False, 0)] + [v + (b,) for b in budgets for v in variants]:
         cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,
                            max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab,
-                           draft_min_prob=min_prob)
+                           draft_min_prob=min_prob, draft_int8=int8)
         drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None
-        engines[(kind, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
+        engines[(name, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
         eng.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up: this mode's shapes
     stats = {mode: ModeStats() for mode in engines}
     for cat, ids in tqdm(prompts, desc=f"{len(engines)} modes"):
@@ -156,10 +163,10 @@ def main():
             stats[mode].add(cat, out, time.perf_counter() - t)
     vanilla = stats[("off", 0)].tok_s
     by_budget = {}
-    for (kind, budget), st in stats.items():
-        if kind != "off":
-            by_budget.setdefault(str(budget), {})[kind] = summ = st.summary(vanilla)
-            print(f"{kind} budget {budget}: {summ}")
+    for (name, budget), st in stats.items():
+        if name != "off":
+            by_budget.setdefault(str(budget), {})[name] = summ = st.summary(vanilla)
+            print(f"{name} budget {budget}: {summ}")
     off = stats[("off", 0)].summary(vanilla)
     print(f"off: {off}")
 
@@ -172,6 +179,7 @@ def main():
         "drafters": args.draft or "shipped",
         "draft_vocab_size": draft_vocab or "all",
         "draft_min_prob": min_prob,
+        "draft_int8": args.draft_int8,
         "vanilla_tok_s": round(vanilla, 2),
         "off_ms_per_step": off["verify_ms"],
         "eagle_best_budget": int(best["eagle"]),

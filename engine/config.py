@@ -97,6 +97,9 @@ class EngineConfig:
         likely than this (0: EAGLE-2's exact search, which expands while a deeper node could
         still enter the tree). Where a draft depth costs a few percent of a target step
         (CPU), a low-probability depth cannot pay for its forward (``auto_draft_min_prob``).
+    draft_int8: the fused CPU drafters (engine/fused.py) keep int8 weights where the CPU has
+        AMX-INT8: a draft call streams half the bytes. Drafts only rank candidates and
+        verification against the target keeps the output exact, so only tau can change.
     num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
     """
 
@@ -117,6 +120,7 @@ class EngineConfig:
     draft_top_k: int = 10
     draft_vocab_size: int | None = None
     draft_min_prob: float = 0.0
+    draft_int8: bool = True
     seed: int = 0
 
     def __post_init__(self):

@@ -9,7 +9,9 @@ torch path, where oneDNN's GEMMs are compute-bound and faster.
 
 ``FusedModel.for_target(model)`` packs the target (None, and the caller
 keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);
-``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head.
+``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head and
+``FusedMedusa.for_medusa(...)`` Medusa's heads, both with int8 weights where the CPU has
+AMX-INT8 (``EngineConfig.draft_int8``): a drafter call is bound by its weight bytes.
 """
 from __future__ import annotations
 
@@ -120,57 +122,97 @@ def _tile_pack(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([pairs.reshape(-1), tiles[n // 32 * 2:].reshape(-1)])
 
 
-def fits_tiles(w: torch.Tensor, pair: bool) -> bool:
-    """Whether gemv_amx can run this matrix: rows % 16 (each half of a pair), columns % 32."""
-    return (w.shape[0] // (2 if pair else 1)) % 16 == 0 and w.shape[1] % 32 == 0
+def fits_tiles(w: torch.Tensor, pair: bool, int8: bool = False) -> bool:
+    """Whether gemv_amx (int8: gemv_amx_i8) can run this matrix: rows % 16 (each half of a
+    pair), columns % 32 (int8: % 64)."""
+    return (w.shape[0] // (2 if pair else 1)) % 16 == 0 and w.shape[1] % (64 if int8 else 32) == 0
 
 
-def pack_arenas(lib, threads: int, mats: list, amx: bool = False) -> tuple[list, list, torch.Tensor]:
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, K] -> (int8 [n, K], fp32 scales [n]): symmetric per row, w ~ scale * q."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.where(scale[:, None] > 0, w / scale.clamp(min=1e-30)[:, None], torch.zeros_like(w))
+    return q.round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _tile_pack_i8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [n, K] (n % 16 == 0, K % 64 == 0) -> flat, in gemv_amx_i8's layout: 16-row blocks
+    in pairs, per 64 columns the pair's two [16 k quads, 16 rows, 4] tiles."""
+    n, k = q.shape
+    tiles = q.reshape(n // 16, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 64, 1024)
+    pairs = tiles[: n // 32 * 2].reshape(n // 32, 2, k // 64, 1024).transpose(1, 2)
+    return torch.cat([pairs.reshape(-1), tiles[n // 32 * 2:].reshape(-1)])
+
+
+PACK_ROWS, PACK_TILES, PACK_TILES_INT8 = 0, 1, 2  # Share.amx in kernels/cpu_fused.c
+
+
+def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
+                int8: list[bool] | None = None) -> tuple[list, list, torch.Tensor]:
     """Copy matrices [(weight [N, K], pair)] into one arena per thread, in order: thread t
     gets rows on multiples of 4 (the GEMV tile); with pair, the two halves' rows of the same
     columns (gate and up). amx: matrices that fit AMX tiles are split on multiples of 32
     and tile-packed for gemv_amx (the choice is per matrix, never per call, so a row's
-    result never depends on the rows beside it). Returns (arena tensors, their addresses
-    to free, shares [M * T, 6]: per matrix and thread, the arena address, up to two
-    (first output row, rows), and whether it is tile-packed)."""
+    result never depends on the rows beside it); int8[m] (with amx): matrix m, if it fits int8
+    tiles, is quantized per row and packed for gemv_amx_i8, their fp32 row scales after
+    the share's weights (a drafter's option: kernels/cpu_fused.c). Returns (arena tensors,
+    their addresses to free, shares [M * T, 6]: per matrix and thread, the arena address,
+    up to two (first output row, rows), and the packing, PACK_*)."""
 
     def split(n: int, g: int) -> list[int]:
         return [0] + [min(n, (n * t // threads + g - 1) // g * g) for t in range(1, threads)] + [n]
 
-    sizes, plan = [0] * threads, []
-    for w, pair in mats:
+    sizes, plan = [0] * threads, []  # bytes
+    for m, (w, pair) in enumerate(mats):
         n, k = w.shape
         half = n // 2 if pair else n
-        tiled = amx and fits_tiles(w, pair)
-        b = split(half, 32 if tiled else 4)
+        kind = PACK_ROWS
+        if amx and int8 and int8[m] and fits_tiles(w, pair, int8=True):
+            kind = PACK_TILES_INT8
+        elif amx and fits_tiles(w, pair):
+            kind = PACK_TILES
+        b = split(half, 4 if kind == PACK_ROWS else 32)
         per = []
         for t in range(threads):
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
-            sizes[t] += sum(h - l for l, h in segs) * k
-        plan.append((tiled, per))
+            rows = sum(h - l for l, h in segs)
+            sizes[t] += rows * (k + 4) if kind == PACK_TILES_INT8 else rows * k * 2
+        plan.append((kind, per))
     arenas, raw = [], []
     for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
-        addr = lib.fused_alloc(max(sizes[t], 1) * 2)
+        addr = lib.fused_alloc(max(sizes[t], 2))
         if not addr:
             raise MemoryError("fused_alloc failed")
         raw.append(addr)
-        buf = (ctypes.c_char * (max(sizes[t], 1) * 2)).from_address(addr)
-        arenas.append(torch.frombuffer(buf, dtype=torch.bfloat16))
+        buf = (ctypes.c_char * max(sizes[t], 2)).from_address(addr)
+        arenas.append(torch.frombuffer(buf, dtype=torch.uint8))
     shares = torch.zeros(len(mats) * threads, 6, dtype=torch.int64)
     offsets = [0] * threads
+
+    def put(t: int, data: torch.Tensor) -> None:
+        data = data.contiguous().reshape(-1).view(torch.uint8)
+        arenas[t][offsets[t]: offsets[t] + data.numel()] = data
+        offsets[t] += data.numel()
+
     with torch.no_grad():
-        for m, ((w, _), (tiled, per)) in enumerate(zip(mats, plan)):
-            k = w.shape[1]
+        for m, ((w, _), (kind, per)) in enumerate(zip(mats, plan)):
             for t, segs in enumerate(per):
-                row = [arenas[t].data_ptr() + 2 * offsets[t]]
+                row = [arenas[t].data_ptr() + offsets[t]]
+                scales = []
                 for lo, hi in segs:
-                    n = hi - lo
-                    seg = w[lo:hi].to(torch.bfloat16)
-                    arenas[t][offsets[t]: offsets[t] + n * k] = _tile_pack(seg) if tiled else seg.reshape(-1)
-                    offsets[t] += n * k
-                    row += [lo, n]
-                row += [0, 0] * (2 - len(segs)) + [int(tiled)]
+                    if kind == PACK_TILES_INT8:
+                        q, sc = quantize_rows(w[lo:hi])
+                        put(t, _tile_pack_i8(q))
+                        scales.append(sc)
+                    else:
+                        seg = w[lo:hi].to(torch.bfloat16)
+                        put(t, _tile_pack(seg) if kind == PACK_TILES else seg)
+                    row += [lo, hi - lo]
+                for sc in scales:  # after the share's weights, where gemv_share looks
+                    put(t, sc)
+                row += [0, 0] * (2 - len(segs)) + [kind]
                 shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
     return arenas, raw, shares
 
@@ -178,10 +220,12 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False) -> tuple[list,
 class _Packed:
     """Weights in per-thread arenas (``pack_arenas``), freed with the object."""
 
-    def _pack(self, threads: int, mats: list) -> None:
+    def _pack(self, threads: int, mats: list, int8: list[bool] | None = None) -> None:
         self.lib = cpu_fused.load(build_dir())
-        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats, cpu_fused.use_amx(self.lib))
+        self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats, cpu_fused.use_amx(self.lib),
+                                                          int8 if cpu_fused.use_amx_int8(self.lib) else None)
         self.amx = bool(self.shares[:, 5].any())  # some matrix runs on AMX tiles
+        self.int8 = bool((self.shares[:, 5] == PACK_TILES_INT8).any())
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):
@@ -199,16 +243,21 @@ class FusedModel(_Packed):
 
     def __init__(self, threads: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  eps: float, layers: list, head: torch.Tensor, final_norm, embed, inv_freq: torch.Tensor,
-                 fc=None, fc_bias=None, max_rows: int | None = None):
+                 fc=None, fc_bias=None, max_rows: int | None = None, int8: bool = False):
         self.threads = threads
         self.hidden, self.vocab = hidden, head.shape[0]
         mats = []  # (weight [N, K], pair) in forward order; pair: gate/up halves split together
         for qkv, o, gate_up, down, _, _ in layers:
             mats += [(qkv, False), (o, False), (gate_up, True), (down, False)]
         mats.append((head, False))
+        flags = [int8] * len(mats)
         if fc is not None:
+            # fc reads the target's hidden state, whose few huge channels would set each row's
+            # int8 scale and flatten the rest (held-out tau fell 1.6% with it in int8, none
+            # without); at 1.3 MB it stays bf16.
             mats.append((fc, False))
-        self._pack(threads, mats)
+            flags.append(False)
+        self._pack(threads, mats, flags)
         self.max_rows = max_rows or (MAX_ROWS_AMX if self.amx else MAX_ROWS)
         self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
         self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
@@ -242,8 +291,10 @@ class FusedModel(_Packed):
                    embed=model.model.embed_tokens.weight, inv_freq=model.model.rope.inv_freq)
 
     @classmethod
-    def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None) -> "FusedModel | None":
-        """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None."""
+    def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None,
+                  int8: bool = False) -> "FusedModel | None":
+        """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None.
+        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``)."""
         c = model.cfg
         if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
             return None
@@ -254,7 +305,7 @@ class FusedModel(_Packed):
         return cls(threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
                    kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, layers=layers,
                    head=head_weight, final_norm=None, embed=None, inv_freq=model.rope.inv_freq,
-                   fc=model.fc.weight, fc_bias=model.fc.bias)
+                   fc=model.fc.weight, fc_bias=model.fc.bias, int8=int8)
 
     # ------------------------------------------------------------------ forwards
 
@@ -304,7 +355,7 @@ class _Medusa(ctypes.Structure):  # mirrors `Medusa` in kernels/cpu_fused.c
 class FusedMedusa(_Packed):
     """Medusa heads (residual blocks) and the draft head: one C call per proposal."""
 
-    def __init__(self, threads: int, model, head: torch.Tensor):
+    def __init__(self, threads: int, model, head: torch.Tensor, int8: bool = False):
         cfg = model.cfg
         self.hidden, self.vocab, self.heads = head.shape[1], head.shape[0], cfg.num_heads
         blocks = [[h[layer].linear for h in model.heads] for layer in range(cfg.num_layers)]  # [layer][head]
@@ -313,16 +364,18 @@ class FusedMedusa(_Packed):
             mats += [(b.weight, False) for layer in blocks[1:] for b in layer]
             mats.append((head, False))
             self.bias = torch.cat([b.bias for layer in blocks for b in layer]).to(torch.bfloat16).contiguous()
-        self._pack(threads, mats)
+        self._pack(threads, mats, [int8] * len(mats))
         self.medusa = _Medusa(self.hidden, self.heads, cfg.num_layers, self.vocab, threads,
                               _t(self.shares), _t(self.bias))
 
     @classmethod
-    def for_medusa(cls, model, head_weight: torch.Tensor, threads: int | None = None) -> "FusedMedusa | None":
-        """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None."""
+    def for_medusa(cls, model, head_weight: torch.Tensor, threads: int | None = None,
+                   int8: bool = False) -> "FusedMedusa | None":
+        """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None.
+        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``)."""
         if fused_disabled_reason(model.heads[0][0].linear.weight):
             return None
-        return cls(threads or torch.get_num_threads(), model, head_weight)
+        return cls(threads or torch.get_num_threads(), model, head_weight, int8)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, H] -> head features bf16 [B * heads, H] (row b * heads + i), draft logits

@@ -17,7 +17,9 @@
  * products accumulate in fp32; the residual stream, norms, RoPE and softmax are fp32.
  * Layout of the KV cache and block tables: kernels/__init__.py. The same forward runs an
  * EAGLE drafter (an input projection instead of the embedding, no final norm); Medusa's
- * heads have their own small entry point. Engine side: engine/fused.py.
+ * heads have their own small entry point. A drafter's matrices may be int8 (gemv_amx_i8:
+ * drafts only rank candidates, verification keeps the output exact). Engine side:
+ * engine/fused.py.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -220,6 +222,32 @@ static void amx_release(void) {
     tiles_in_use = 0;
 }
 
+/* One block of 16 weight rows (two: 32) of a tile-packed GEMV, over all KB column tiles:
+ * accumulators 0-1 (input rows a) and 2-3 (rows b, when mb) are zeroed, then per column
+ * tile: inputs into tiles 4/5 (KC columns, row stride SX bytes), the block's weight tiles
+ * into 6/7 (the second HALF elements after the first), and DP, the tile product
+ * (_tile_dpbf16ps for bf16, _tile_dpbssd for int8). w advances STEP elements a tile; the
+ * prefetch runs PF elements ahead. Uses two, mb and KB of the enclosing GEMV. */
+#define AMX_BLOCK(DP, w, STEP, HALF, xa, xb, KC, SX, PF)                                         \
+    do {                                                                                        \
+        _tile_zero(0); /* touching an unconfigured tile (rows 0) faults */                     \
+        if (two) _tile_zero(1);                                                                 \
+        if (mb) { _tile_zero(2); if (two) _tile_zero(3); }                                      \
+        for (int kb = 0; kb < KB; kb++, w += (STEP)) {                                          \
+            for (int i = 0; i < (STEP); i += 64 / (int)sizeof(*w))                              \
+                _mm_prefetch((const char*)(w + (PF) + i), _MM_HINT_T1);                         \
+            _tile_loadd(4, xa + kb * (KC), SX);                                                 \
+            _tile_loadd(6, w, 64);                                                              \
+            DP(0, 4, 6);                                                                        \
+            if (two) { _tile_loadd(7, w + (HALF), 64); DP(1, 4, 7); }                           \
+            if (mb) {                                                                           \
+                _tile_loadd(5, xb + kb * (KC), SX);                                             \
+                DP(2, 5, 6);                                                                    \
+                if (two) DP(3, 5, 7);                                                           \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
 /* Y[m * ldy + r] = W[r] . X[m * ldx] with W tile-packed; nrows % 16 == 0, K % 32 == 0. */
 static void gemv_amx(const bf16* W, int nrows, int K, const bf16* X, int ldx, int M, float* Y, int ldy) {
     const int KB = K / 32;
@@ -232,27 +260,76 @@ static void gemv_amx(const bf16* W, int nrows, int K, const bf16* X, int ldx, in
         const bf16* w = W;
         for (int o = 0; o < nrows;) {
             const int two = nrows - o >= 32, step = two ? 1024 : 512;
-            _tile_zero(0);  /* touching an unconfigured tile (rows 0) faults */
-            if (two) _tile_zero(1);
-            if (mb) { _tile_zero(2); if (two) _tile_zero(3); }
-            for (int kb = 0; kb < KB; kb++, w += step) {
-                for (int i = 0; i < step; i += 32) _mm_prefetch((const char*)(w + PF_ELEMS + i), _MM_HINT_T1);
-                _tile_loadd(4, xa + kb * 32, sx);
-                _tile_loadd(6, w, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if (two) { _tile_loadd(7, w + 512, 64); _tile_dpbf16ps(1, 4, 7); }
-                if (mb) {
-                    _tile_loadd(5, xb + kb * 32, sx);
-                    _tile_dpbf16ps(2, 5, 6);
-                    if (two) _tile_dpbf16ps(3, 5, 7);
-                }
-            }
+            AMX_BLOCK(_tile_dpbf16ps, w, step, 512, xa, xb, 32, sx, PF_ELEMS);
             _tile_stored(0, ya + o, sy);
             if (two) _tile_stored(1, ya + o + 16, sy);
             if (mb) {
                 _tile_stored(2, yb + o, sy);
                 if (two) _tile_stored(3, yb + o + 16, sy);
             }
+            o += two ? 32 : 16;
+        }
+    }
+}
+
+/* ---- int8 weights on AMX (a drafter's option) ------------------------------------------
+ *
+ * A drafter call streams all its weights for a few rows, so int8 weights halve its time;
+ * drafts only have to rank tokens well (verification keeps the output exact), so a
+ * drafter may use them (engine/fused.py, ``int8``). Weights are quantized per output row
+ * at load (w ~ sw[r] * wq[r][k]), the GEMV input per row at each call (x ~ sx[m] * xq[m][k],
+ * symmetric, round to nearest even), TDPBSSD sums the products exactly in int32, and
+ * y[m][r] = (acc * sx[m]) * sw[r]. Packed like the bf16 tiles, with 64 columns per tile:
+ * [16-row blocks, in pairs][K / 64][the pair's two blocks][16 k quads][16 rows][4], then
+ * the rows' fp32 scales after the share's weights. */
+
+/* q[m * K + k] = rint(x[m * ldx + k] * 127 / amax_m), s[m] = amax_m / 127; K % 16 == 0. */
+static void quantize_rows(const bf16* X, int ldx, int M, int K, int8_t* q, float* s) {
+    for (int m = 0; m < M; m++) {
+        const bf16* x = X + (size_t)m * ldx;
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_bf16(0xffff, x + k)));
+        const float a = _mm512_reduce_max_ps(amax);
+        const __m512 inv = _mm512_set1_ps(a > 0.0f ? 127.0f / a : 0.0f);
+        s[m] = a / 127.0f;
+        for (int k = 0; k < K; k += 16)
+            _mm_storeu_si128((__m128i*)(q + (size_t)m * K + k),
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(0xffff, x + k), inv))));
+    }
+}
+
+/* Y[m * ldy + r] = (acc * sx[m]) * sw[r], acc = sum_k X[m][k] * W[r][k] in int32; X int8
+ * [M, K] (row stride K); nrows % 16 == 0, K % 64 == 0. */
+static void gemv_amx_i8(const int8_t* W, const float* sw, int nrows, int K, const int8_t* X, const float* sx,
+                        int M, float* Y, int ldy) {
+    const int KB = K / 64;
+    int32_t acc[16][16] __attribute__((aligned(64)));
+    for (int m0 = 0; m0 < M; m0 += 32) {
+        const int ma = M - m0 < 16 ? M - m0 : 16, mb = M - m0 > 32 ? 16 : (M - m0 > 16 ? M - m0 - 16 : 0);
+        amx_config(ma, mb);
+        const int8_t* xa = X + (size_t)m0 * K, * xb = xa + (size_t)16 * K;
+        const int8_t* w = W;
+        for (int o = 0; o < nrows;) {
+            const int two = nrows - o >= 32, step = two ? 2048 : 1024;
+            AMX_BLOCK(_tile_dpbssd, w, step, 1024, xa, xb, 64, K, 2 * PF_ELEMS);
+/* scale accumulator tile C (rows `rows` from input row m) into output rows from o + c0 */
+#define I8_OUT(C, rows, m, c0)                                                                  \
+    do {                                                                                        \
+        _tile_stored(C, acc, 64);                                                               \
+        const __m512 wsc = _mm512_loadu_ps(sw + o + (c0));                                      \
+        for (int i = 0; i < (rows); i++) {                                                      \
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc[i])),         \
+                                           _mm512_set1_ps(sx[(m) + i]));                         \
+            _mm512_storeu_ps(Y + (size_t)((m) + i) * ldy + o + (c0), _mm512_mul_ps(v, wsc));     \
+        }                                                                                       \
+    } while (0)
+            I8_OUT(0, ma, m0, 0);
+            if (two) I8_OUT(1, ma, m0, 16);
+            if (mb) {
+                I8_OUT(2, mb, m0 + 16, 0);
+                if (two) I8_OUT(3, mb, m0 + 16, 16);
+            }
+#undef I8_OUT
             o += two ? 32 : 16;
         }
     }
@@ -268,11 +345,50 @@ int fused_amx_enable(void) {
  * arena holds these rows tile-packed (gemv_amx), else row-major. */
 typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
 
+enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2 };  /* Share.amx */
+
+/* Where this thread quantizes an int8 share's GEMV input: scales [M] then int8 [M, K],
+ * set by each forward for its call from its scratch (xq_bytes per thread). */
+static __thread float* xq_scale;
+static __thread int8_t* xq_buf;
+
+static size_t xq_bytes(int M, int kmax) { return (size_t)M * (sizeof(float) + kmax); }
+
+static void xq_use(uint8_t* block, int M) {
+    xq_scale = (float*)block;
+    xq_buf = (int8_t*)(block + sizeof(float) * (size_t)M);
+}
+
 static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, float* Y, int ldy) {
+    if (s->amx == PACK_TILES_INT8) {
+        quantize_rows(X, ldx, M, K, xq_buf, xq_scale);
+        const int8_t* W = (const int8_t*)(uintptr_t)s->ptr;
+        const float* sw = (const float*)(W + (size_t)(s->n0 + s->n1) * K);
+        gemv_amx_i8(W, sw, (int)s->n0, K, xq_buf, xq_scale, M, Y + s->out0, ldy);
+        if (s->n1) gemv_amx_i8(W + (size_t)s->n0 * K, sw + s->n0, (int)s->n1, K, xq_buf, xq_scale, M, Y + s->out1, ldy);
+        return;
+    }
     const bf16* W = (const bf16*)(uintptr_t)s->ptr;
     void (*f)(const bf16*, int, int, const bf16*, int, int, float*, int) = s->amx ? gemv_amx : gemv;
     f(W, (int)s->n0, K, X, ldx, M, Y + s->out0, ldy);
     if (s->n1) f(W + (size_t)s->n0 * K, (int)s->n1, K, X, ldx, M, Y + s->out1, ldy);
+}
+
+/* One packed matrix's GEMV, all of its thread shares (tests and benchmarks of the packings):
+ * Y[m * ldy + r] = W[r] . X[m], X bf16 [M, K]. Returns 0, or -1 without scratch memory. */
+int fused_gemv(const Share* shares, int64_t threads, int64_t K, const bf16* X, int64_t M, float* Y, int64_t ldy) {
+    const size_t xq_per = xq_bytes((int)M, (int)K);
+    uint8_t* xq = malloc(xq_per * threads);
+    if (!xq) return -1;
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int t = omp_get_thread_num();
+        xq_use(xq + xq_per * t, (int)M);
+        gemv_share(&shares[t], (int)K, X, (int)K, (int)M, Y, (int)ldy);
+        amx_release();
+    }
+    free(xq);
+    return 0;
 }
 
 /* ---- pieces of a layer ------------------------------------------------------------ */
@@ -650,6 +766,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     /* Scratch sized once the key lists are known (NULL until then, so one cleanup frees all). */
     float* x = NULL, * y = NULL, * o = NULL, * cs = NULL, * scores = NULL, * obuf = NULL, * own_scores = NULL;
     bf16* xb = NULL, * act = NULL, * qbuf = NULL;
+    uint8_t* xq = NULL;
     int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
     int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
     const int64_t n_own = bt_->vis_ptr ? bt_->vis_ptr[M] : (int64_t)M * max_new;
@@ -669,7 +786,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     do {                                                                                          \
         free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
         free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
-        free(own_at); free(own_n); free(units); free(own_col); free(uni_slots);                   \
+        free(own_at); free(own_n); free(units); free(own_col); free(uni_slots); free(xq);         \
     } while (0)
     if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units || !own_col || !uni_slots) {
         FREE_SCRATCH();
@@ -739,7 +856,10 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     obuf = malloc(sizeof(float) * (size_t)T * QU * D);
     const int uld = (max_uni + 31) / 16 * 16;  /* a query's scores against its part's own keys */
     own_scores = malloc(sizeof(float) * (size_t)T * QU * uld);
-    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores) {
+    const int MQ = M > R ? M : R, KQ = XB > I ? (XB > FC ? XB : FC) : (I > FC ? I : FC);
+    const size_t xq_per = xq_bytes(MQ, KQ);  /* int8 shares' quantized inputs, per thread */
+    xq = malloc(xq_per * T);
+    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores || !xq) {
         FREE_SCRATCH();
         return -1;
     }
@@ -762,6 +882,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         bf16* qb = qbuf + (size_t)t * QU * D;
         float* ob = obuf + (size_t)t * QU * D;
         float* us = own_scores + (size_t)t * QU * uld;
+        xq_use(xq + xq_per * t, MQ);
         if (FC) {  /* EAGLE: x = fc([embedding ; feature]) + bias */
             gemv_share(&shares[(size_t)(4 * L + 1) * T + t], FC, bt_->inputs, FC, M, x, H);
 #pragma omp barrier
@@ -886,12 +1007,15 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
     const int64_t rows = B * K;
     float* y = malloc(sizeof(float) * (size_t)rows * H);  /* block outputs */
     float* f = malloc(sizeof(float) * (size_t)rows * H);  /* each head's feature, fp32 */
-    if (!y || !f) { free(y); free(f); return -1; }
+    const size_t xq_per = xq_bytes((int)rows, H);
+    uint8_t* xq = malloc(xq_per * T);
+    if (!y || !f || !xq) { free(y); free(f); free(xq); return -1; }
     for (int64_t r = 0; r < rows; r++)
         for (int i = 0; i < H; i++) f[(size_t)r * H + i] = bf16_to_f32(x[(size_t)(r / K) * H + i]);
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num();
+        xq_use(xq + xq_per * t, (int)rows);
         for (int l = 0; l < NL; l++) {
             if (l == 0)
                 gemv_share(&md->shares[t], H, x, H, (int)B, y, K * H);
@@ -919,6 +1043,7 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
     }
     free(y);
     free(f);
+    free(xq);
     return 0;
 }
 

@@ -19,7 +19,7 @@ import tempfile
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_fused.c")
 FLAGS = os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
-                                                               "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
+                                                               "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fopenmp", "-shared", "-fPIC"]
 
 _lib: ctypes.CDLL | None = None
 _amx: bool | None = None
@@ -82,6 +82,8 @@ def load(build_dir: str) -> ctypes.CDLL:
     lib.medusa_forward.restype = i
     lib.medusa_forward.argtypes = [p, ctypes.c_int64, p, p, p]  # const Medusa*, B, x, feats, logits
     lib.fused_amx_enable.restype = i
+    lib.fused_gemv.restype = i  # shares, threads, K, X, M, Y, ldy (engine/fused.py pack_arenas)
+    lib.fused_gemv.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64]
     lib.fused_argmax.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int64]
     lib.fused_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int64]
     lib.fused_stream_sum.restype = ctypes.c_double
@@ -102,3 +104,9 @@ def use_amx(lib: ctypes.CDLL) -> bool:
     if _amx is None:
         _amx = has_amx() and lib.fused_amx_enable() == 0
     return _amx
+
+
+def use_amx_int8(lib: ctypes.CDLL) -> bool:
+    """Whether int8 drafter weights can run (engine/fused.py): AMX in use (``use_amx``) and
+    the CPU has AMX-INT8 (TDPBSSD)."""
+    return use_amx(lib) and "amx_int8" in cpu_flags()

@@ -21,6 +21,14 @@ pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused
 HAS_AMX = has_amx()
 
 
+def int8_available() -> bool:
+    """AMX-INT8 on this CPU and AMX tiles in use (not TREESPEC_CPU_AMX=0)."""
+    from engine.fused import build_dir
+    from kernels import cpu_fused
+
+    return cpu_fused.use_amx_int8(cpu_fused.load(build_dir()))
+
+
 def run(runner: ModelRunner, seqs: list[SeqInput]):
     return runner.execute(build_model_input(seqs, runner.block_size))
 
@@ -178,17 +186,21 @@ def test_bf16_speculation_equals_plain_greedy(default_dir, tokenizer, chat_promp
     assert engine.kv_blocks_used == 0
 
 
-def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts):
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts, int8):
     """The fused EAGLE drafter (one C call per depth, its KV cache growing past its first
-    allocation) predicts the same features and trees as the torch drafter on the same weights."""
+    allocation) predicts the same features and trees as the torch drafter on the same weights;
+    with int8 weights (the CPU default where AMX-INT8 is) nearly the same."""
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
     from engine.executor import InProcessExecutor
 
+    if int8 and not int8_available():
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
     executor = InProcessExecutor(default_dir, "bfloat16")
-    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0)
+    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
-    assert fused.fused is not None
+    assert fused.fused is not None and fused.fused.int8 == int8
     eager.fused = None
     r = executor.runner
     r.allocate_kv(40, 16)
@@ -210,17 +222,21 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts)
         assert len(set(f_tree.tokens) & set(e_tree.tokens)) >= 6
 
 
-def test_fused_medusa_heads_match_torch(default_dir, chat_prompts):
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     """The fused Medusa heads (blocks and draft head in one C call, several requests at
-    once) give the torch heads' logits and the same per-step trees."""
+    once) give the torch heads' logits and the same per-step trees; with int8 weights (the
+    CPU default where AMX-INT8 is) nearly the same."""
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
     from engine.executor import InProcessExecutor
 
+    if int8 and not int8_available():
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
     executor = InProcessExecutor(default_dir, "bfloat16")
-    cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5)
+    cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
-    assert fused.fused is not None
+    assert fused.fused is not None and fused.fused.int8 == int8
     eager.fused = None
     r = executor.runner
     r.allocate_kv(8, 16)
@@ -231,7 +247,7 @@ def test_fused_medusa_heads_match_torch(default_dir, chat_prompts):
     k_heads = fused.model.cfg.num_heads
     ref = eager.head.logits(eager.model(x).transpose(0, 1).reshape(-1, x.shape[1])).float()  # [B * K, Vd]
     assert logits.shape == ref.shape == (3 * k_heads, fused.head.weight.shape[0])
-    assert (logits - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+    assert (logits - ref).abs().max().item() <= (0.06 if int8 else 0.03) * ref.abs().max().item()
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
     shared = 0
     for i in range(8):  # per-step trees from the features of the prompt's last 8 tokens
@@ -269,3 +285,41 @@ def test_topk_logprobs_matches_torch():
     x = torch.zeros(1, 40)
     x[0, [7, 3, 30]] = 2.0  # ties: lower index first
     assert topk_logprobs(x, 3)[1].tolist() == [[3, 7, 30]]
+
+
+def test_int8_gemv_is_the_quantized_product_exactly():
+    """gemv_amx_i8 (a drafter's int8 weights) computes exactly the W8A8 product it
+    documents, against integer arithmetic in float64: per-row int8 weights and inputs
+    (round half to even), int32 sums, then (acc * sx) * sw; for single and paired (gate/up)
+    matrices, one to 33 rows (both A tiles), several thread splits, and a zero input row.
+    Its error against the bf16 product stays at int8's ~1%."""
+    from engine.fused import PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
+    from kernels import cpu_fused
+
+    if not int8_available():
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
+    lib = cpu_fused.load(build_dir())
+    g = torch.Generator().manual_seed(5)
+    for n, k, pair in [(96, 576, False), (3072, 576, True), (576, 1536, False), (8192, 576, False)]:
+        w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+        q, sw = quantize_rows(w)
+        assert (q.float() * sw[:, None] - w.float()).abs().max() <= sw.max() / 2 + 1e-6
+        arenas, raw, shares = pack_arenas(lib, 2, [(w, pair)], amx=True, int8=[True])
+        try:
+            assert (shares[:, 5] == PACK_TILES_INT8).all()
+            for m in (1, 5, 17, 33):
+                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+                if m > 1:
+                    x[m // 2] = 0.0  # a zero row: scale 0, outputs 0
+                y = torch.full((m, n), float("nan"))
+                assert lib.fused_gemv(shares.data_ptr(), 2, k, x.data_ptr(), m, y.data_ptr(), n) == 0
+                amax = x.float().abs().amax(1)
+                inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+                xq = (x.float() * inv[:, None]).round()
+                acc = (xq.double() @ q.double().T).to(torch.int32).float()
+                assert torch.equal(y, (acc * (amax / 127)[:, None]) * sw[None, :]), (n, k, m)
+                exact = x.float() @ w.float().T
+                assert (y - exact).norm() / exact.norm() < 0.02
+        finally:
+            for addr in raw:
+                lib.fused_free(addr)
