@@ -107,3 +107,14 @@ def test_seeded_sampling_is_reproducible(make_engine, chat_prompts):
     c = engine.generate([chat_prompts[2]], SamplingParams(max_tokens=16, temperature=1.0, seed=7,
                                                           ignore_eos=True))[0].token_ids
     assert a == b and a != c
+
+
+def test_top_p_below_fp32_range_keeps_the_likeliest_token():
+    """A top_p too small for fp32 (5e-324 rounds to 0 there; schemathesis sent it) still
+    keeps the likeliest token: the distribution is one-hot on the argmax, not NaN."""
+    from engine.sampling import SamplingParams, target_probs
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for top_p in (5e-324, 1e-45, 1e-9):
+        probs = target_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float()), top_p

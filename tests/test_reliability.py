@@ -192,6 +192,7 @@ def test_schemathesis_no_server_errors(served):
     ("/v1/completions", {"prompt": "\ud800"}, 400),  # a lone surrogate the tokenizer cannot encode (was a 500)
     ("/v1/completions", {"prompt": "Hi", "seed": 2**64}, 400),  # beyond a 64-bit generator seed (was a 500)
     ("/v1/completions", {"prompt": "Hi", "temperature": 1e-300}, 200),  # tiny temperature = greedy (killed the engine)
+    ("/v1/completions", {"prompt": "Hi", "temperature": 1.0, "top_p": 5e-324}, 200),  # top_p is 0 in fp32 (killed the engine)
 ])
 def test_found_by_fuzzing(served, route, extra, status):
     body = json.dumps({"max_tokens": 2, **extra})  # ASCII with \u escapes: a lone surrogate survives the wire
