@@ -114,11 +114,15 @@ def _t(x) -> int:
 
 
 def _tile_pack(w: torch.Tensor) -> torch.Tensor:
-    """[n, K] (n % 16 == 0, K % 32 == 0) -> flat, in gemv_amx's layout (kernels/cpu_fused.c):
-    16-row blocks in pairs, per 32 columns the pair's two [16 k pairs, 16 rows, 2] tiles."""
+    """bf16 or int8 [n, K] -> flat, in gemv_amx's / gemv_amx_i8's layout (kernels/cpu_fused.c):
+    16-row blocks in pairs, per tile of 64 bytes of columns (32 bf16, 64 int8) the pair's
+    two [16 column groups, 16 rows, g] tiles, g the columns in 4 bytes (2 bf16, 4 int8).
+    n % 16 == 0, K % (16 * g) == 0."""
     n, k = w.shape
-    tiles = w.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 512)
-    pairs = tiles[: n // 32 * 2].reshape(n // 32, 2, k // 32, 512).transpose(1, 2)
+    g = 4 // w.element_size()
+    kc, size = 16 * g, 256 * g  # columns and elements per tile
+    tiles = w.reshape(n // 16, 16, k // kc, 16, g).permute(0, 2, 3, 1, 4).reshape(n // 16, k // kc, size)
+    pairs = tiles[: n // 32 * 2].reshape(n // 32, 2, k // kc, size).transpose(1, 2)
     return torch.cat([pairs.reshape(-1), tiles[n // 32 * 2:].reshape(-1)])
 
 
@@ -134,15 +138,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1) / 127
     q = torch.where(scale[:, None] > 0, w / scale.clamp(min=1e-30)[:, None], torch.zeros_like(w))
     return q.round().clamp(-127, 127).to(torch.int8), scale
-
-
-def _tile_pack_i8(q: torch.Tensor) -> torch.Tensor:
-    """int8 [n, K] (n % 16 == 0, K % 64 == 0) -> flat, in gemv_amx_i8's layout: 16-row blocks
-    in pairs, per 64 columns the pair's two [16 k quads, 16 rows, 4] tiles."""
-    n, k = q.shape
-    tiles = q.reshape(n // 16, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 64, 1024)
-    pairs = tiles[: n // 32 * 2].reshape(n // 32, 2, k // 64, 1024).transpose(1, 2)
-    return torch.cat([pairs.reshape(-1), tiles[n // 32 * 2:].reshape(-1)])
 
 
 PACK_ROWS, PACK_TILES, PACK_TILES_INT8 = 0, 1, 2  # Share.amx in kernels/cpu_fused.c
@@ -204,7 +199,7 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
                 for lo, hi in segs:
                     if kind == PACK_TILES_INT8:
                         q, sc = quantize_rows(w[lo:hi])
-                        put(t, _tile_pack_i8(q))
+                        put(t, _tile_pack(q))
                         scales.append(sc)
                     else:
                         seg = w[lo:hi].to(torch.bfloat16)

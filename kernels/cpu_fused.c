@@ -341,14 +341,16 @@ int fused_amx_enable(void) {
 }
 
 /* One thread's share of a matrix: up to two row segments of its arena, written to
- * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: the
- * arena holds these rows tile-packed (gemv_amx), else row-major. */
+ * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: how
+ * the arena holds these rows, PACK_* below (row-major for gemv, bf16 tiles for gemv_amx,
+ * int8 tiles and row scales for gemv_amx_i8). */
 typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
 
 enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2 };  /* Share.amx */
 
 /* Where this thread quantizes an int8 share's GEMV input: scales [M] then int8 [M, K],
- * set by each forward for its call from its scratch (xq_bytes per thread). */
+ * set by each forward for its call from its scratch (xq_bytes per thread). Each thread
+ * quantizes the whole input for its own share: a few rows, cheaper than a barrier. */
 static __thread float* xq_scale;
 static __thread int8_t* xq_buf;
 
@@ -856,7 +858,9 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     obuf = malloc(sizeof(float) * (size_t)T * QU * D);
     const int uld = (max_uni + 31) / 16 * 16;  /* a query's scores against its part's own keys */
     own_scores = malloc(sizeof(float) * (size_t)T * QU * uld);
-    const int MQ = M > R ? M : R, KQ = XB > I ? (XB > FC ? XB : FC) : (I > FC ? I : FC);
+    const int MQ = M > R ? M : R;
+    int KQ = XB > I ? XB : I;  /* the widest GEMV input */
+    if (FC > KQ) KQ = FC;
     const size_t xq_per = xq_bytes(MQ, KQ);  /* int8 shares' quantized inputs, per thread */
     xq = malloc(xq_per * T);
     if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores || !xq) {
