@@ -112,6 +112,7 @@ class Update:
     batch_size: int
     tree_budget: int  # in force for this step (0 = no speculation)
     stats: dict | None = None  # on finish: the sequence's SeqStats
+    error: str | None = None  # finish_reason "error" from a failure of this request alone
 
 
 class EngineLoop:
@@ -268,7 +269,7 @@ class EngineLoop:
                      "verify_steps": s.verify_steps, "committed": s.committed, "drafted": s.drafted,
                      "mean_accepted": s.mean_accepted, "draft_time": s.draft_time, "verify_time": s.verify_time}
         upd = Update(list(out.new_token_ids), out.finished, out.finish_reason, st.kind if st else "?", t0, t1,
-                     st.batch_size if st else 0, budget, stats)
+                     st.batch_size if st else 0, budget, stats, getattr(out.seq, "error", None))
         loop, q = target
         loop.call_soon_threadsafe(q.put_nowait, upd)
 
@@ -450,6 +451,12 @@ class LLMServer:
                 elif detok.stopped:  # a stop string the engine's own check did not see: end here
                     reason, done = "stop", True
                     self.loop.abort(rid)
+                if reason == "error" and upd.finished and upd.error:
+                    # A bug hit this request alone (the replica serves on): not worth a retry, so not a 503.
+                    exc = APIError(500, f"the engine failed on this request ({upd.error})", type="server_error",
+                                   code="engine_error")
+                    yield {"event": "error", **exc.to_dict()}
+                    return
                 if reason in ("error", "abort") and upd.finished:
                     exc = APIError(503, f"the request was ended by the replica ({reason}); retry",
                                    type="server_error", code="replica_unavailable", retry_after=1)

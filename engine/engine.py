@@ -10,6 +10,7 @@ threads; they take effect at the next step.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from engine.verify import verify_greedy, verify_sampling
 from engine.weights import resolve_model
 from kernels.compaction import compaction_slots
 from kernels.tree import tree_depth
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -179,11 +182,14 @@ class LLMEngine:
         for b, s in enumerate(seqs):
             start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
             s.num_cached = len(s)
-            token = sample(out.logits[b], s.params, s.generator or self.generator)
-            self._call_drafter("on_prefill", s.request_id, s.tokens, out.hidden[start:end], token)
-            if s.stats.first_token is None:
-                s.stats.first_token = time.perf_counter()
-            outputs.append(self._commit(s, [token]))
+            try:
+                token = sample(out.logits[b], s.params, s.generator or self.generator)
+                self._call_drafter("on_prefill", s.request_id, s.tokens, out.hidden[start:end], token)
+                if s.stats.first_token is None:
+                    s.stats.first_token = time.perf_counter()
+                outputs.append(self._commit(s, [token]))
+            except Exception as exc:  # one request's bug must not end the others (or the engine)
+                outputs.append(self._fail(s, exc))
         self.last_step = StepStats("prefill", len(seqs), len(seqs), 0, 0.0, time.perf_counter() - t0)
         return outputs
 
@@ -216,28 +222,33 @@ class LLMEngine:
         outputs, paths, prefixes, nodes, committed = [], [], [], 0, 0
         for b, (s, tree, si) in enumerate(zip(seqs, trees, inputs)):
             start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
-            logits = out.logits[start:end]
-            parents = si.tree_parents or [-1]
-            if s.params.greedy:
-                path, bonus = verify_greedy(si.token_ids, parents, logits)
-            else:
-                probs = None
-                if tree is not None and tree.draft_probs is not None:
-                    probs = [None] + list(tree.draft_probs)
-                path, bonus = verify_sampling(si.token_ids, parents, logits, s.params,
-                                              s.generator or self.generator, probs)
-            paths.append(path)
-            prefixes.append(s.num_cached)
-            accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
-            self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
-                               out.hidden[start:end][path], bonus)
-            s.num_cached += len(path)
+            prefix, path = s.num_cached, [0]
             nodes += len(si.token_ids) - 1
-            s.stats.verify_steps += 1
-            s.stats.drafted += len(si.token_ids) - 1
-            out_ = self._commit(s, accepted)
-            s.stats.committed += len(out_.new_token_ids)
-            committed += len(out_.new_token_ids)
+            try:
+                logits = out.logits[start:end]
+                parents = si.tree_parents or [-1]
+                if s.params.greedy:
+                    path, bonus = verify_greedy(si.token_ids, parents, logits)
+                else:
+                    probs = None
+                    if tree is not None and tree.draft_probs is not None:
+                        probs = [None] + list(tree.draft_probs)
+                    path, bonus = verify_sampling(si.token_ids, parents, logits, s.params,
+                                                  s.generator or self.generator, probs)
+                accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
+                self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
+                                   out.hidden[start:end][path], bonus)
+                s.num_cached += len(path)
+                s.stats.verify_steps += 1
+                s.stats.drafted += len(si.token_ids) - 1
+                out_ = self._commit(s, accepted)
+                s.stats.committed += len(out_.new_token_ids)
+                committed += len(out_.new_token_ids)
+            except Exception as exc:  # one request's bug must not end the others (or the engine)
+                path = [0]  # its blocks are freed: nothing of it to compact
+                out_ = self._fail(s, exc)
+            paths.append(path)
+            prefixes.append(prefix)
             outputs.append(out_)
         # Compaction: node path[j] was written at num_cached + path[j]; move it to num_cached + j.
         if any(node != j for path in paths for j, node in enumerate(path)):
@@ -262,15 +273,21 @@ class LLMEngine:
 
     def on_drafter_failure(self, exc: Exception) -> None:
         """Keep serving without speculation; the owner (actors/) may bring the drafter back."""
-        import logging
-
-        logging.getLogger(__name__).warning("drafter failed, speculation off: %s", exc)
+        log.warning("drafter failed, speculation off: %s", exc)
         self.drafter_healthy = False
 
     def set_drafter(self, drafter) -> None:
         """Install a (new) drafter; requests it has not seen simply get no tree."""
         self.drafter = drafter
         self.drafter_healthy = drafter is not None
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Finish one request with "error" (its blocks and drafter state freed); the rest carry on."""
+        log.error("request %s failed", seq.request_id, exc_info=exc)
+        seq.error = f"{type(exc).__name__}: {exc}"
+        if not seq.finished:
+            self._finish(seq, "error")
+        return self._output(seq, [])
 
     def fail_all(self, reason: str = "error") -> list[RequestOutput]:
         """Finish every unfinished request with ``reason`` (e.g. the executor lost a shard).

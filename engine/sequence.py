@@ -49,6 +49,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the engine ended it (finish_reason "error"), if it knows
         self.block_table: list[int] = []
         self.num_cached = 0
         self.stats = SeqStats()

@@ -113,3 +113,29 @@ def test_policy_applied_between_steps_and_reported(engine):
         loop.stop()
         engine.drafter.fail = False
         engine.set_drafter(engine.drafter)
+
+
+def test_a_failing_request_does_not_stop_the_loop(engine):
+    """A fault in one request ends that request with its error; the loop and the other request go on."""
+    loop = EngineLoop(engine)
+    prompt = engine.tokenize_chat([{"role": "user", "content": "Count from one to ten."}])
+    real_commit = engine._commit
+
+    def commit(seq, tokens):
+        if seq.request_id == "bad" and seq.num_output >= 3:
+            raise ValueError("injected fault")
+        return real_commit(seq, tokens)
+
+    async def both():
+        return await asyncio.gather(_run(loop, "bad", prompt, 16), _run(loop, "good", prompt, 16))
+
+    engine._commit = commit
+    try:
+        (_, bad_updates), (good_tokens, good_updates) = asyncio.run(both())
+        assert bad_updates[-1].finish_reason == "error" and "ValueError: injected fault" in bad_updates[-1].error
+        assert good_updates[-1].finish_reason == "length" and len(good_tokens) == 16
+        assert loop.thread.is_alive() and loop.error is None
+        assert engine.allocator.num_used == 0 and loop.active == 0
+    finally:
+        del engine._commit
+        loop.stop()

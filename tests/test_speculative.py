@@ -124,3 +124,36 @@ def test_eagle_cost_aware_stop_drafts_fewer_depths(make_engine, executor, defaul
     assert forwards[0.4] < forwards[0.0]
     with pytest.raises(ValueError, match="draft_min_prob"):
         EngineConfig(draft_min_prob=1.0)
+
+
+@pytest.mark.parametrize("fail_at", [0, 10])  # in its prefill step, or in a speculative decode step
+def test_a_failing_request_ends_alone(make_engine, references, chat_prompts, fail_at):
+    """A bug that hits one request (here an injected fault) finishes it with "error"; the batch's
+    other requests still equal plain greedy, no KV block or drafter state leaks, and the engine serves on."""
+    drafter = ScriptedDrafter(references, vocab=49152, seed=7)
+    engine = make_engine(drafter, max_num_seqs=4, tree_budget=16, speculation="eagle")
+    real_commit = engine._commit
+
+    def commit(seq, tokens):
+        if seq.request_id == "bad" and seq.num_output >= fail_at:
+            raise RuntimeError("injected fault")
+        return real_commit(seq, tokens)
+
+    engine._commit = commit
+    ids = [engine.add_request(p, GREEDY, request_id="bad" if i == 1 else None)
+           for i, p in enumerate(chat_prompts[:4])]
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    bad = done.pop("bad")
+    assert bad.finish_reason == "error" and "injected fault" in bad.seq.error
+    assert bad.seq.num_output >= fail_at and (bad.seq.num_output == 0) == (fail_at == 0)
+    for rid, p in zip(ids, chat_prompts[:4]):
+        if rid != "bad":
+            assert done[rid].finish_reason == "length" and p + done[rid].token_ids == references[tuple(p)]
+            assert done[rid].seq.stats.verify_steps < MAX_TOKENS  # trees were accepted alongside the failure
+    assert engine.kv_blocks_used == 0 and "bad" not in drafter.seqs
+    out = engine.generate([chat_prompts[5]], GREEDY)[0]
+    assert chat_prompts[5] + out.token_ids == references[tuple(chat_prompts[5])]
