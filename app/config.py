@@ -32,6 +32,7 @@ class AppConfig:
     draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 8192 on CPU, all on GPU; 0: all)
     draft_min_prob: float | None = None  # EAGLE: no deeper drafting below this path probability (None: 0.35 CPU, 0 GPU)
     draft_int8: bool = True  # CPU drafters keep int8 weights where the CPU has AMX-INT8 (output unchanged)
+    lookup_tokens: int = 6  # prompt-lookup chain merged into each draft tree (0: off; engine/lookup.py)
     max_num_seqs: int = 16
     max_model_len: int = 2048
     num_blocks: int | None = None
@@ -126,6 +127,7 @@ class AppConfig:
             max_model_len=self.max_model_len, speculation=speculation, draft_path=self.draft_path,
             tree_budget=self.tree_budget if speculation != "off" else 0, draft_vocab_size=self.draft_vocab_size,
             draft_min_prob=self.draft_min_prob, draft_int8=self.draft_int8,
+            lookup_tokens=self.lookup_tokens,
         )
 
     def to_dict(self) -> dict:

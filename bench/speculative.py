@@ -114,6 +114,10 @@ def main():
     ap.add_argument("--draft-int8", default="on", choices=["on", "off", "both"],
                     help="int8 drafter weights where the CPU has AMX-INT8 (on: the engine default); both: "
                          "also run the drafters on bf16 weights, reported as eagle_bf16 / medusa_bf16")
+    ap.add_argument("--lookup", type=int, default=None,
+                    help="prompt-lookup tokens merged into each tree (default: the engine's, 6; 0: off)")
+    ap.add_argument("--lookup-off-too", action="store_true",
+                    help="also run each drafter without lookup, reported as eagle_nolookup / medusa_nolookup")
     args = ap.parse_args()
     if args.from_json:
         if not args.plot:
@@ -143,15 +147,18 @@ def main():
     params = SamplingParams(max_tokens=args.max_tokens)
 
     # The engines share the executor's KV cache: safe because one request runs at a time.
-    # (name, drafter kind, int8 weights) per speculative mode
-    variants = [(k, k, args.draft_int8 != "off") for k in ("eagle", "medusa")]
+    # (name, drafter kind, int8 weights, lookup tokens) per speculative mode
+    lookup = EngineConfig.lookup_tokens if args.lookup is None else args.lookup
+    variants = [(k, k, args.draft_int8 != "off", lookup) for k in ("eagle", "medusa")]
     if args.draft_int8 == "both":
-        variants += [(f"{k}_bf16", k, False) for k in ("eagle", "medusa")]
+        variants += [(f"{k}_bf16", k, False, lookup) for k in ("eagle", "medusa")]
+    if args.lookup_off_too:
+        variants += [(f"{k}_nolookup", k, args.draft_int8 != "off", 0) for k in ("eagle", "medusa")]
     engines = {}
-    for name, kind, int8, budget in [("off", "off", False, 0)] + [v + (b,) for b in budgets for v in variants]:
+    for name, kind, int8, look, budget in [("off", "off", False, 0, 0)] + [v + (b,) for b in budgets for v in variants]:
         cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,
                            max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab,
-                           draft_min_prob=min_prob, draft_int8=int8)
+                           draft_min_prob=min_prob, draft_int8=int8, lookup_tokens=look)
         drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None
         engines[(name, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
         eng.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up: this mode's shapes
@@ -180,6 +187,7 @@ def main():
         "draft_vocab_size": draft_vocab or "all",
         "draft_min_prob": min_prob,
         "draft_int8": args.draft_int8,
+        "lookup_tokens": lookup,
         "vanilla_tok_s": round(vanilla, 2),
         "off_ms_per_step": off["verify_ms"],
         "eagle_best_budget": int(best["eagle"]),

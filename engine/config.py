@@ -100,6 +100,10 @@ class EngineConfig:
     draft_int8: the fused CPU drafters (engine/fused.py) keep int8 weights where the CPU has
         AMX-INT8: a draft call streams half the bytes. Drafts only rank candidates and
         verification against the target keeps the output exact, so only tau can change.
+    lookup_tokens: while speculating, also verify up to this many tokens that followed the
+        latest earlier occurrence of the sequence's last 2-4 tokens (prompt lookup, merged
+        into the drafter's tree as one more chain; engine/lookup.py); 0 disables it. These
+        nodes come on top of tree_budget and cost no drafter forward.
     num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
     """
 
@@ -121,6 +125,7 @@ class EngineConfig:
     draft_vocab_size: int | None = None
     draft_min_prob: float = 0.0
     draft_int8: bool = True
+    lookup_tokens: int = 6
     seed: int = 0
 
     def __post_init__(self):
@@ -144,6 +149,8 @@ class EngineConfig:
             raise ValueError(f"draft_depth and draft_top_k must be >= 1, got {self.draft_depth}, {self.draft_top_k}")
         if self.tree_budget < 0:
             raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if self.lookup_tokens < 0:
+            raise ValueError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and self.dtype == "float32":

@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.drafters.base import DraftTree
 from engine.executor import Executor, InProcessExecutor
 from engine.kv_cache import BlockAllocator
+from engine.lookup import NgramIndex, merge_chain
 from engine.runner import SeqInput, build_model_input
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
@@ -84,6 +85,7 @@ class LLMEngine:
         self.drafter_healthy = drafter is not None  # false after a failure, until replaced
         self.speculate = config.tree_budget > 0  # the policy (router) flips this; needs a healthy drafter
         self.tree_budget = config.tree_budget
+        self.lookup_tokens = config.lookup_tokens  # prompt-lookup nodes on top of the drafter's tree
         self.eos_ids = set(self.model_config.eos_token_id)
         self.generator = torch.Generator().manual_seed(config.seed)
         self._requests: dict[str, Sequence] = {}
@@ -153,11 +155,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     def _tree_budget(self, seq: Sequence) -> int:
-        if not (self.speculate and self.drafter_healthy) or seq.speculation == "off":
+        """Draft nodes (and KV slots) to reserve for seq: the drafter's budget plus the lookup chain."""
+        if not (self.speculate and self.drafter_healthy) or seq.speculation == "off" or self.tree_budget <= 0:
             return 0
         if seq.speculation not in (None, self.drafter.kind):
             return 0  # asked for a drafter this replica does not have
-        return self.tree_budget
+        return self.tree_budget + self.lookup_tokens
 
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
@@ -198,12 +201,19 @@ class LLMEngine:
         trees: list[DraftTree | None] = [None] * len(seqs)
         spec = [i for i, b in enumerate(budgets) if b > 0]
         if spec:
+            lookup = self.lookup_tokens
             try:
-                drafted = self.drafter.propose([seqs[i].request_id for i in spec], [budgets[i] for i in spec])
+                drafted = self.drafter.propose([seqs[i].request_id for i in spec],
+                                               [max(1, budgets[i] - lookup) for i in spec])
                 for i, tree in zip(spec, drafted):
                     trees[i] = tree
             except Exception as exc:  # a failing drafter must not take the replica down
                 self.on_drafter_failure(exc)
+            if lookup:
+                for i in spec:
+                    s = seqs[i]
+                    s.ngrams = s.ngrams or NgramIndex()
+                    trees[i] = merge_chain(trees[i], s.ngrams.continuation(s.tokens, lookup), lookup)
         t1 = time.perf_counter()
         inputs = []
         for s, tree in zip(seqs, trees):

@@ -106,24 +106,29 @@ TREES = [([-1, 0, 0, 1, 3, 2], (4, 5)),
          ([-1, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11, 12, 14, 15, 16, 17], (18, 20))]
 
 
+# Context lengths: all keys in the tile the rows' own keys start in (23), or whole shared
+# 32-key tiles before it (77 = 2 * 32 + 13): the paths of the V sums in values_amx.
+@pytest.mark.parametrize("ctx", [23, 77])
 @pytest.mark.parametrize("parents,leaves", TREES, ids=["6-nodes", "21-nodes"])
-def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, leaves):
+def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, leaves, ctx):
     """Verifying a tree in one forward gives, for each node, exactly the logits and hidden
     state of decoding its root-to-node path one token at a time (with another sequence
     sharing the forward), so greedy speculation reproduces plain decoding bit for bit."""
     r = ModelRunner(default_dir, "bfloat16")
     r.allocate_kv(32, 16)
     g = torch.Generator().manual_seed(1)
-    prefix = torch.randint(0, 49152, (23,), generator=g).tolist()
+    prefix = torch.randint(0, 49152, (ctx,), generator=g).tolist()
     tree = torch.randint(0, 49152, (len(parents),), generator=g).tolist()
     depth = [0] * len(parents)
     for i, p in enumerate(parents):
         depth[i] = depth[p] + 1 if p >= 0 else 0
-    a_table, b_table, other = [0, 1, 2], [3, 4, 5], [6, 7]
+    per_seq = (ctx + len(parents) + 15) // 16  # tree rows are written after the context, one slot each
+    a_table, b_table = list(range(per_seq)), list(range(per_seq, 2 * per_seq))
+    other = [2 * per_seq, 2 * per_seq + 1]
     for table in (a_table, b_table):  # the same prefix twice: identical cache contents
-        run(r, [SeqInput(prefix, list(range(23)), table, 0)])
+        run(r, [SeqInput(prefix, list(range(ctx)), table, 0)])
     run(r, [SeqInput(prefix[:5], list(range(5)), other, 0)])
-    t = run(r, [SeqInput(tree, [23 + x for x in depth], a_table, 23, tree_parents=parents,
+    t = run(r, [SeqInput(tree, [ctx + x for x in depth], a_table, ctx, tree_parents=parents,
                          logits_rows=list(range(len(tree)))),
                 SeqInput(prefix[5:6], [5], other, 5)])
     for node in leaves:
@@ -133,7 +138,7 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, 
         path.reverse()
         table = list(b_table)
         for i, n in enumerate(path):
-            out = run(r, [SeqInput([tree[n]], [23 + i], table, 23 + i)])
+            out = run(r, [SeqInput([tree[n]], [ctx + i], table, ctx + i)])
             assert torch.equal(out.logits[0], t.logits[n]), (node, n)
             assert torch.equal(out.hidden[0], t.hidden[n]), (node, n)
     assert t.logits.shape == (len(tree) + 1, 49152) and t.hidden.dtype == torch.bfloat16  # + the other sequence

@@ -49,14 +49,14 @@ def tiny_dir(tmp_path_factory):
                             vocab=V, seed=3)
 
 
-def exact_first3(model_dir, top_k, top_p) -> np.ndarray:
+def exact_first3(model_dir, top_k, top_p, prompt=PROMPT) -> np.ndarray:
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     probs = np.zeros((V, V, V))
     with torch.no_grad():
         def dist(prefix):
-            return filtered(hf(torch.tensor([PROMPT + prefix])).logits[0, -1].numpy(), top_k, top_p)
+            return filtered(hf(torch.tensor([prompt + prefix])).logits[0, -1].numpy(), top_k, top_p)
         p1 = dist([])
         for a in range(V):
             if p1[a] == 0:
@@ -67,6 +67,15 @@ def exact_first3(model_dir, top_k, top_p) -> np.ndarray:
                     continue
                 probs[a, b] = p1[a] * p2[b] * dist([a, b])
     return probs.reshape(-1)
+
+
+def first3_counts(outs) -> np.ndarray:
+    """How often each (first, second, third) generated token triple occurred: [V ** 3]."""
+    counts = np.zeros(V ** 3)
+    for o in outs:
+        a, b, c = o.token_ids
+        counts[(a * V + b) * V + c] += 1
+    return counts
 
 
 def chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:
@@ -96,14 +105,37 @@ def test_engine_speculative_sampling_matches_target(tiny_dir, kind, top_k, top_p
     engine = LLMEngine(cfg, executor, drafter)
     params = SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, top_p=top_p, ignore_eos=True)
     outs = engine.generate([PROMPT] * SAMPLES, params)
-    counts = np.zeros(V ** 3)
-    for o in outs:
-        a, b, c = o.token_ids
-        counts[(a * V + b) * V + c] += 1
+    counts = first3_counts(outs)
     assert sum(o.seq.stats.drafted for o in outs) > SAMPLES  # trees were really verified
     accepted = sum(o.seq.stats.committed - o.seq.stats.verify_steps for o in outs)
     assert accepted > SAMPLES // 10  # and draft tokens were really accepted
     assert chi2_pvalue(counts, exact_first3(tiny_dir, top_k, top_p)) > 0.001
+    assert engine.kv_blocks_used == 0
+
+
+def test_lookup_chains_keep_sampling_exact(tiny_dir):
+    """Prompt-lookup chains (engine/lookup.py) as the only draft nodes, on a prompt that repeats
+    itself so they are proposed at most steps: still exactly the target's distribution."""
+    from engine.drafters.base import Drafter, DraftTree
+
+    class Silent(Drafter):
+        kind = "eagle"
+
+        def propose(self, request_ids, budgets):
+            return [DraftTree([], []) for _ in request_ids]
+
+    prompt = [1, 4, 2, 5, 1, 4, 2, 5, 1, 4]
+    executor = InProcessExecutor(tiny_dir, "float32")
+    cfg = EngineConfig(model=tiny_dir, speculation="eagle", tree_budget=1, lookup_tokens=4, num_blocks=6000,
+                       block_size=4, max_num_seqs=512, max_num_batched_tokens=4096, seed=13)
+    engine = LLMEngine(cfg, executor, Silent())
+    params = SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True)
+    outs = engine.generate([prompt] * SAMPLES, params)
+    counts = first3_counts(outs)
+    assert sum(o.seq.stats.drafted for o in outs) > SAMPLES  # lookup chains were verified
+    accepted = sum(o.seq.stats.committed - o.seq.stats.verify_steps for o in outs)
+    assert accepted > SAMPLES // 50, accepted  # and some of their tokens accepted (~900 of them)
+    assert chi2_pvalue(counts, exact_first3(tiny_dir, 0, 1.0, prompt)) > 0.001
     assert engine.kv_blocks_used == 0
 
 
