@@ -34,11 +34,13 @@ def plot(result: dict, path: str) -> None:
     budgets = sorted(result["by_budget"], key=int)
     kinds = ("eagle", "medusa")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for kind in kinds:
-        rows = [result["by_budget"][b][kind] for b in budgets]
+    colors = {"eagle": "C0", "medusa": "C1"}
+    for name in result["by_budget"][budgets[0]]:  # the engine defaults solid, other variants dashed
+        rows = [result["by_budget"][b][name] for b in budgets]
         x = [int(b) for b in budgets]
-        axes[0].plot(x, [r["speedup"] for r in rows], marker="o", label=kind)
-        axes[1].plot(x, [r["tau"] for r in rows], marker="o", label=kind)
+        style = dict(marker="o", label=name, color=colors[name.split("_")[0]], ls="-" if name in kinds else "--")
+        axes[0].plot(x, [r["speedup"] for r in rows], **style)
+        axes[1].plot(x, [r["tau"] for r in rows], **style)
     axes[0].axhline(1.0, color="gray", lw=0.5)
     for ax in axes[:2]:
         ax.set_xticks([int(b) for b in budgets])
