@@ -16,6 +16,7 @@ AMX-INT8 (``EngineConfig.draft_int8``): a drafter call is bound by its weight by
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 
 import torch
@@ -111,6 +112,18 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 def _t(x) -> int:
     return 0 if x is None else x.data_ptr()
+
+
+def _ints(values, ctype=ctypes.c_int64):
+    """A C array of ints from a list, or an integer tensor made contiguous in that type:
+    (object to keep alive during the call, its address). Small per-step metadata is built
+    as ctypes arrays: a torch op costs several microseconds, and a step makes dozens."""
+    if isinstance(values, torch.Tensor):
+        dtype = torch.int64 if ctype is ctypes.c_int64 else torch.int32
+        t = values if values.dtype == dtype and values.is_contiguous() else values.to(dtype).contiguous()
+        return t, t.data_ptr()
+    arr = (ctype * max(1, len(values)))(*values)
+    return arr, ctypes.addressof(arr)
 
 
 def _tile_pack(w: torch.Tensor) -> torch.Tensor:
@@ -310,28 +323,29 @@ class FusedModel(_Packed):
         """One forward of N rows (shapes: ``Batch`` in kernels/cpu_fused.c).
 
         kv: bf16 [2, layers, blocks, block_size, kv_heads, head_dim]; positions, slots: int64 [N];
+        positions, slots and logit_rows may also be lists (cheaper than a tensor for a few rows);
         ids: int64 [N] (a target) or inputs: bf16 [N, fc_in] (an EAGLE drafter); tree_mask: bool
         [N, max_T] or None (causal); visible: per row, the slots it sees after its sequence's
         context (overrides tree_mask). Returns hidden bf16 [N, hidden], logits fp32 [R, vocab].
         """
-        n = len(positions)
-        qsl = torch.tensor(query_start_loc, dtype=torch.int32)
-        row_seq = torch.repeat_interleave(torch.arange(len(qsl) - 1, dtype=torch.int32), qsl.diff())
-        ctx = torch.tensor(context_lens, dtype=torch.int32)
-        tables = block_tables.to(torch.int32).contiguous()
+        n, i32 = len(positions), ctypes.c_int32
+        qsl = list(query_start_loc)
+        row_seq = [b for b in range(len(qsl) - 1) for _ in range(qsl[b + 1] - qsl[b])]
         mask = None if tree_mask is None else tree_mask.to(torch.uint8).contiguous()
-        vis_ptr = vis_slots = None
+        vis_ptr = vis_slots = (None, 0)
         if visible is not None:
-            vis_ptr = torch.tensor([0] + [len(v) for v in visible], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            vis_slots = torch.tensor([s for v in visible for s in v] or [0], dtype=torch.int64)
+            vis_ptr = _ints(list(itertools.accumulate((len(v) for v in visible), initial=0)), i32)
+            vis_slots = _ints([s for v in visible for s in v])
         ids = None if ids is None else ids.contiguous()
         inputs = None if inputs is None else inputs.to(torch.bfloat16).contiguous()
-        positions, slots, rows = positions.contiguous(), slots.contiguous(), logit_rows.contiguous()
+        keep = [_ints(positions), _ints(slots), _ints(row_seq, i32), _ints(block_tables, i32),
+                _ints(context_lens, i32), _ints(qsl, i32), _ints(logit_rows)]
+        (_, pos_p), (_, slot_p), (_, seq_p), (tables, table_p), (_, ctx_p), (_, qsl_p), (_, rows_p) = keep
         hidden = torch.empty(n, self.hidden, dtype=torch.bfloat16)
-        logits = torch.empty(len(rows), self.vocab, dtype=torch.float32)
-        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), _t(positions), _t(slots), _t(row_seq),
-                       _t(tables), tables.shape[1], _t(ctx), _t(qsl), _t(mask), 0 if mask is None else mask.shape[1],
-                       _t(vis_ptr), _t(vis_slots), _t(inputs), len(rows), _t(rows), _t(hidden), _t(logits))
+        logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
+        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), pos_p, slot_p, seq_p, table_p, tables.shape[1],
+                       ctx_p, qsl_p, _t(mask), 0 if mask is None else mask.shape[1], vis_ptr[1], vis_slots[1],
+                       _t(inputs), len(logit_rows), rows_p, _t(hidden), _t(logits))
         if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits

@@ -311,9 +311,8 @@ class EagleDrafter(Drafter):
         # Room for the pending pairs and the draft rows forwarded after them.
         self._reserve(st, st.length + n + self.depth * self.top_k)
         inputs = torch.cat([self._embed(st.tokens), torch.stack(st.feats).to(self.embed_weight.dtype)], dim=-1)
-        pos = torch.arange(st.length, st.length + n)
-        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE,
-                                        torch.tensor([n - 1]), inputs=inputs)
+        pos = list(range(st.length, st.length + n))
+        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE, [n - 1], inputs=inputs)
         st.length += n
         st.last, st.last_logits = hidden[-1], logits
         st.feats, st.tokens = [], []
@@ -338,9 +337,8 @@ class EagleDrafter(Drafter):
             for node, vis in zip(frontier, visible):
                 seen[node] = vis
             inputs = torch.cat([self._embed([tokens[i] for i in frontier]), front_feat], dim=-1)
-            pos = torch.full((n_f,), st.length + d - 1)
-            out, logits = self.fused.run(st.kv, pos, torch.tensor(slots), [0, n_f], [st.length], self._TABLE,
-                                         torch.arange(n_f), inputs=inputs, visible=visible)
+            out, logits = self.fused.run(st.kv, [st.length + d - 1] * n_f, slots, [0, n_f], [st.length], self._TABLE,
+                                         list(range(n_f)), inputs=inputs, visible=visible)
             m += n_f
             frontier, rows = self._grow(tokens, parents, scores, depths, frontier,
                                         *self.head.topk_of_logits(logits, k), d)
