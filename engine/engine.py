@@ -238,7 +238,8 @@ class LLMEngine:
                 logits = out.logits[start:end]
                 parents = si.tree_parents or [-1]
                 if s.params.greedy:
-                    path, bonus = verify_greedy(si.token_ids, parents, logits)
+                    best = None if out.argmax is None else out.argmax[start:end]
+                    path, bonus = verify_greedy(si.token_ids, parents, logits, best)
                 else:
                     probs = None
                     if tree is not None and tree.draft_probs is not None:

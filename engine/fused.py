@@ -46,7 +46,7 @@ class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
         ("ids", _ptr), ("positions", _ptr), ("slots", _ptr), ("row_seq", _ptr),
         ("block_tables", _ptr), ("max_blocks", _i64), ("context_lens", _ptr), ("qsl", _ptr),
         ("tree_mask", _ptr), ("mask_cols", _i64), ("vis_ptr", _ptr), ("vis_slots", _ptr), ("inputs", _ptr),
-        ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr)]
+        ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr), ("argmax", _ptr)]
 
 
 def build_dir() -> str:
@@ -319,14 +319,17 @@ class FusedModel(_Packed):
 
     def run(self, kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_start_loc: list[int],
             context_lens: list[int], block_tables: torch.Tensor, logit_rows: torch.Tensor, *, ids=None, inputs=None,
-            tree_mask=None, visible: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            tree_mask=None, visible: list[list[int]] | None = None,
+            argmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of N rows (shapes: ``Batch`` in kernels/cpu_fused.c).
 
         kv: bf16 [2, layers, blocks, block_size, kv_heads, head_dim]; positions, slots: int64 [N];
         positions, slots and logit_rows may also be lists (cheaper than a tensor for a few rows);
         ids: int64 [N] (a target) or inputs: bf16 [N, fc_in] (an EAGLE drafter); tree_mask: bool
         [N, max_T] or None (causal); visible: per row, the slots it sees after its sequence's
-        context (overrides tree_mask). Returns hidden bf16 [N, hidden], logits fp32 [R, vocab].
+        context (overrides tree_mask); argmax: int64 [R] to fill with each logits row's first
+        maximum (computed while the rows are still in cache). Returns hidden bf16 [N, hidden],
+        logits fp32 [R, vocab].
         """
         n, i32 = len(positions), ctypes.c_int32
         qsl = list(query_start_loc)
@@ -345,15 +348,19 @@ class FusedModel(_Packed):
         logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
         batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), pos_p, slot_p, seq_p, table_p, tables.shape[1],
                        ctx_p, qsl_p, _t(mask), 0 if mask is None else mask.shape[1], vis_ptr[1], vis_slots[1],
-                       _t(inputs), len(logit_rows), rows_p, _t(hidden), _t(logits))
+                       _t(inputs), len(logit_rows), rows_p, _t(hidden), _t(logits), _t(argmax))
         if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits
 
-    def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows."""
-        return self.run(kv_cache, inp.positions, inp.slot_mapping, inp.query_start_loc, inp.context_lens,
-                        inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask)
+    def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows.
+        Returns hidden, logits and each logits row's argmax (for greedy verification)."""
+        argmax = torch.empty(len(inp.logits_indices), dtype=torch.int64)
+        hidden, logits = self.run(kv_cache, inp.positions, inp.slot_mapping, inp.query_start_loc, inp.context_lens,
+                                  inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask,
+                                  argmax=argmax)
+        return hidden, logits, argmax.tolist()
 
 
 class _Medusa(ctypes.Structure):  # mirrors `Medusa` in kernels/cpu_fused.c

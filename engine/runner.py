@@ -55,6 +55,7 @@ class ModelInput:
 class ModelOutput:
     logits: torch.Tensor  # [M, V] fp32, rows of logits_indices
     hidden: torch.Tensor  # [N, hidden], final hidden state of every row (drafter features)
+    argmax: list[int] | None = None  # [M] each logits row's argmax, where the forward gave it
 
 
 @dataclass
@@ -163,8 +164,8 @@ class ModelRunner:
     def execute(self, inp: ModelInput) -> ModelOutput:
         dev = self.device
         if self.fused is not None and len(inp.input_ids) <= self.fused.max_rows:
-            hidden, logits = self.fused.forward(inp, self.kv_cache)
-            return ModelOutput(logits, hidden)
+            hidden, logits, argmax = self.fused.forward(inp, self.kv_cache)
+            return ModelOutput(logits, hidden, argmax)
         hidden = self.model(inp.input_ids.to(dev), inp.positions.to(dev), inp.metadata(dev))
         logits = self.model.compute_logits(hidden[inp.logits_indices.to(dev)])
         return ModelOutput(logits.float().cpu(), hidden.cpu())

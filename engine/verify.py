@@ -31,13 +31,16 @@ def children_of(parents: list[int]) -> list[list[int]]:
     return kids
 
 
-def verify_greedy(tokens: list[int], parents: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
-    """tokens/parents: [T] (root first); logits: [T, V].
+def verify_greedy(tokens: list[int], parents: list[int], logits: torch.Tensor,
+                  best: list[int] | None = None) -> tuple[list[int], int]:
+    """tokens/parents: [T] (root first); logits: [T, V]; best: their row-wise argmax if the
+    forward already computed it.
 
     Returns (accepted local indices from the root, root included; bonus token).
     """
     kids = children_of(parents)
-    best = argmax_rows(logits)
+    if best is None:
+        best = argmax_rows(logits)
     path, node = [0], 0
     while True:
         nxt = next((c for c in kids[node] if tokens[c] == best[node]), None)

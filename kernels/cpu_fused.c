@@ -692,6 +692,33 @@ static void values_amx(const float* sc, int ld, int nr, int group, int D, const 
 #undef PV_STORE
 #undef PV_ZERO
 
+/* (*m, *at) <- the larger of itself and the first maximum of x[0..n), whose indices are
+ * base + i; on a tie the lower index wins, so scanning a row in pieces, in any order,
+ * finds torch.argmax's first maximum. NaN never wins. */
+static void first_max(const float* x, int64_t n, int64_t base, float* m, int64_t* at) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i where = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {  /* each lane keeps its first maximum */
+        const __m512 v = _mm512_loadu_ps(x + i);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, gt, v);
+        where = _mm512_mask_mov_epi32(where, gt, idx);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+    }
+    float lanes[16];
+    int32_t lane_at[16];
+    _mm512_storeu_ps(lanes, best);
+    _mm512_storeu_si512(lane_at, where);
+    for (int l = 0; l < 16; l++)
+        if (lane_at[l] >= 0 && (lanes[l] > *m || (lanes[l] == *m && base + lane_at[l] < *at))) {
+            *m = lanes[l];
+            *at = base + lane_at[l];
+        }
+    for (; i < n; i++)
+        if (x[i] > *m || (x[i] == *m && base + i < *at)) { *m = x[i]; *at = base + i; }
+}
+
 /* ---- the forward -------------------------------------------------------------------- */
 
 /* A packed model: a Llama decoder (token embeddings in, final norm, LM head), or an
@@ -733,6 +760,7 @@ typedef struct {
     const int64_t* logit_rows;  /* [R] -> logits fp32 [R, vocab] */
     bf16* hidden_out;       /* [M, hidden]: final-norm (or, without one, last) hidden states */
     float* logits;
+    int64_t* argmax;        /* NULL or [R]: each logits row's first maximum (greedy verification) */
 } Batch;
 
 /* Returns 0, or -1 when scratch memory could not be allocated. */
@@ -768,7 +796,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     /* Scratch sized once the key lists are known (NULL until then, so one cleanup frees all). */
     float* x = NULL, * y = NULL, * o = NULL, * cs = NULL, * scores = NULL, * obuf = NULL, * own_scores = NULL;
     bf16* xb = NULL, * act = NULL, * qbuf = NULL;
-    uint8_t* xq = NULL;
+    uint8_t* xq = NULL, * parts = NULL;
     int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
     int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
     const int64_t n_own = bt_->vis_ptr ? bt_->vis_ptr[M] : (int64_t)M * max_new;
@@ -789,6 +817,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
         free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
         free(own_at); free(own_n); free(units); free(own_col); free(uni_slots); free(xq);         \
+        free(parts);                                                                              \
     } while (0)
     if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units || !own_col || !uni_slots) {
         FREE_SCRATCH();
@@ -863,7 +892,10 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     if (FC > KQ) KQ = FC;
     const size_t xq_per = xq_bytes(MQ, KQ);  /* int8 shares' quantized inputs, per thread */
     xq = malloc(xq_per * T);
-    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores || !xq) {
+    parts = malloc((sizeof(float) + sizeof(int64_t)) * (size_t)T * (R + 1));  /* per-thread argmax parts */
+    float* part_max = (float*)(parts + sizeof(int64_t) * (size_t)T * (R + 1));
+    int64_t* part_at = (int64_t*)parts;
+    if (!x || !y || !o || !xb || !act || !cs || !scores || !qbuf || !obuf || !own_scores || !xq || !parts) {
         FREE_SCRATCH();
         return -1;
     }
@@ -986,6 +1018,30 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         for (int i = 0; i < R; i++)
             memcpy(xb + (size_t)i * H, hidden_out + (size_t)logit_rows[i] * H, sizeof(bf16) * H);
         if (R > 0) gemv_share(&shares[(size_t)4 * L * T + t], H, xb, H, R, logits, V);
+        if (R > 0 && bt_->argmax) {  /* each row's first maximum: per thread over the columns it just
+                                      * wrote (still in its cache), then combined */
+            const Share* s = &shares[(size_t)4 * L * T + t];
+            for (int i = 0; i < R; i++) {
+                float m = -INFINITY;
+                int64_t at = INT64_MAX;
+                first_max(logits + (size_t)i * V + s->out0, (int64_t)s->n0, (int64_t)s->out0, &m, &at);
+                if (s->n1) first_max(logits + (size_t)i * V + s->out1, (int64_t)s->n1, (int64_t)s->out1, &m, &at);
+                part_max[(size_t)t * R + i] = m;
+                part_at[(size_t)t * R + i] = at;
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int i = 0; i < R; i++) {
+                float m = -INFINITY;
+                int64_t at = INT64_MAX;
+                for (int u = 0; u < T; u++) {
+                    const float v = part_max[(size_t)u * R + i];
+                    const int64_t a = part_at[(size_t)u * R + i];
+                    if (a != INT64_MAX && (v > m || (v == m && a < at))) { m = v; at = a; }
+                }
+                bt_->argmax[i] = at == INT64_MAX ? 0 : at;  /* no number above -inf: torch says 0 */
+            }
+        }
         amx_release();
     }
     FREE_SCRATCH();
@@ -1057,28 +1113,9 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
 void fused_argmax(const float* x, int64_t rows, int64_t n, int64_t* out, int64_t threads) {
 #pragma omp parallel for num_threads((int)threads) schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
-        const float* row = x + r * n;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        int64_t i = 0;
-        for (; i + 16 <= n; i += 16) {  /* each lane keeps its first maximum */
-            __m512 v = _mm512_loadu_ps(row + i);
-            __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
-            best = _mm512_mask_mov_ps(best, gt, v);
-            at = _mm512_mask_mov_epi32(at, gt, idx);
-            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
-        }
-        float lanes[16];
-        int32_t where[16];
-        _mm512_storeu_ps(lanes, best);
-        _mm512_storeu_si512(where, at);
         float m = -INFINITY;
-        int64_t arg = 0;
-        for (int l = 0; l < 16; l++)
-            if (lanes[l] > m || (lanes[l] == m && where[l] < arg)) { m = lanes[l]; arg = where[l]; }
-        for (; i < n; i++)
-            if (row[i] > m) { m = row[i]; arg = i; }
-        out[r] = arg;
+        out[r] = 0;
+        first_max(x + r * n, n, 0, &m, &out[r]);
     }
 }
 

@@ -142,6 +142,7 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, 
             assert torch.equal(out.logits[0], t.logits[n]), (node, n)
             assert torch.equal(out.hidden[0], t.hidden[n]), (node, n)
     assert t.logits.shape == (len(tree) + 1, 49152) and t.hidden.dtype == torch.bfloat16  # + the other sequence
+    assert t.argmax == t.logits.argmax(-1).tolist()  # the forward's own argmax, for greedy verification
 
 
 def test_fused_only_where_it_applies(tmp_path, monkeypatch):
