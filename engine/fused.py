@@ -110,6 +110,20 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return vals, idx
 
 
+def topk_logprob_lists(logits: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """topk_logprobs as Python lists (what a drafter's tree search consumes), written by the
+    C pass straight into ctypes arrays: no tensors to allocate or convert per call."""
+    if not _fits_helper(logits) or not 0 < k <= min(64, logits.shape[1]):
+        vals, idx = topk_logprobs(logits, k)
+        return vals.tolist(), idx.tolist()
+    x = logits.contiguous()
+    rows = x.shape[0]
+    vals, idx = (ctypes.c_float * (rows * k))(), (ctypes.c_int64 * (rows * k))()
+    _helper_lib().fused_topk(x.data_ptr(), rows, x.shape[1], k, vals, idx, torch.get_num_threads())
+    vals, idx = vals[:], idx[:]
+    return [vals[r * k:(r + 1) * k] for r in range(rows)], [idx[r * k:(r + 1) * k] for r in range(rows)]
+
+
 def _t(x) -> int:
     return 0 if x is None else x.data_ptr()
 

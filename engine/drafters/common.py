@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from engine.fused import topk_logprobs
+from engine.fused import topk_logprob_lists, topk_logprobs
 from engine.parallel import linear
 
 
@@ -40,6 +40,15 @@ class DraftHead(nn.Module):
         """fp32 logits over the draft vocabulary [n, Vd] -> topk's (log-probs, target ids)."""
         vals, idx = topk_logprobs(logits, k)
         return vals, (idx if self.ids is None else self.ids[idx])
+
+    def topk_lists(self, logits: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+        """topk_of_logits as lists, per row (a tree search's per-depth step)."""
+        vals, idx = topk_logprob_lists(logits, k)
+        if self.ids is None:
+            return vals, idx
+        if getattr(self, "_id_list", None) is None:
+            self._id_list = self.ids.tolist()
+        return vals, [[self._id_list[i] for i in row] for row in idx]
 
 
 def save_drafter(path: str, config: dict, state: dict[str, torch.Tensor], dtype=torch.bfloat16) -> None:

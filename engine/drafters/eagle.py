@@ -15,6 +15,7 @@ times, then rerank everything drafted and keep the best ``budget`` nodes.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -156,7 +157,7 @@ class _State:
     kv: torch.Tensor | None = None  # fused path: [2, layers, 1, capacity, n_kv, D], one block
     last_logits: torch.Tensor | None = None  # fused path: draft-head logits of `last` [1, Vd]
     length: int = 0  # pairs (feature, next token) in the KV cache
-    feats: list = field(default_factory=list)  # pending pairs not yet run: features [H] ...
+    feats: list = field(default_factory=list)  # pending pairs not yet run: features [n_i, H] chunks ...
     tokens: list = field(default_factory=list)  # ... and the token that follows each
     last: torch.Tensor | None = None  # [H] drafter output at the last processed pair
 
@@ -178,14 +179,14 @@ class EagleDrafter(Drafter):
 
     def on_prefill(self, request_id, token_ids, hidden, next_token):
         st = self.states[request_id] = _State()
-        st.feats = list(hidden)
+        st.feats = [hidden]
         st.tokens = list(token_ids[1:]) + [next_token]
 
     def on_verified(self, request_id, accepted, hidden, next_token):
         st = self.states.get(request_id)
         if st is None:
             return
-        st.feats += list(hidden)
+        st.feats.append(hidden)
         st.tokens += list(accepted[1:]) + [next_token]
 
     def release(self, request_id):
@@ -203,7 +204,7 @@ class EagleDrafter(Drafter):
             return
         if self.fused is not None:
             return self._catch_up_fused(st)
-        feats = torch.stack(st.feats).unsqueeze(0)
+        feats = torch.cat(st.feats).unsqueeze(0)
         emb = self._embed(st.tokens).unsqueeze(0)
         pos = torch.arange(st.length, st.length + n).unsqueeze(0)
         mask = torch.ones(n, st.length + n, dtype=torch.bool).tril(st.length).unsqueeze(0)
@@ -255,23 +256,26 @@ class EagleDrafter(Drafter):
             for j, node in enumerate(frontier):
                 fwd_index[node] = m + j
             m += n_f
-            frontier, rows = self._grow(tokens, parents, scores, depths, frontier, *self.head.topk(out[0], k), d)
+            child_logp, child_tok = self.head.topk(out[0], k)
+            frontier, rows = self._grow(tokens, parents, scores, depths, frontier, child_logp.tolist(),
+                                        child_tok.tolist(), d)
             front_feat = out[0][rows]
         return self._select(tokens, parents, scores, depths, budget)
 
     @staticmethod
     def _grow(tokens, parents, scores, depths, frontier, child_logp, child_tok, d) -> tuple[list[int], list[int]]:
-        """Add the frontier's children (log-probs, ids [F, k]) at depth d + 1 to the node lists
-        (in place); return the next frontier (the k best by cumulative log-prob) and, for each
-        of its nodes, the row of its parent in this depth's forward."""
-        k = child_tok.shape[1]
-        cum = torch.tensor([scores[i] for i in frontier]).unsqueeze(1) + child_logp
-        best = cum.flatten().topk(min(k, cum.numel())).indices.tolist()
+        """Add the frontier's children (log-probs, ids: lists [F][k]) at depth d + 1 to the node
+        lists (in place); return the next frontier (the k best by cumulative log-prob) and, for
+        each of its nodes, the row of its parent in this depth's forward. Plain lists: at most
+        k * k candidates, where a few torch ops would cost more than the arithmetic."""
+        k = len(child_tok[0])
+        cum = [scores[node] + lp for node, row in zip(frontier, child_logp) for lp in row]
+        best = heapq.nlargest(min(k, len(cum)), range(len(cum)), key=cum.__getitem__)
         base = len(tokens)
-        tokens += child_tok.flatten().tolist()
-        scores += cum.flatten().tolist()
+        tokens += [t for row in child_tok for t in row]
+        scores += cum
         parents += [node for node in frontier for _ in range(k)]
-        depths += [d + 1] * (len(frontier) * k)
+        depths += [d + 1] * len(cum)
         return [base + i for i in best], [i // k for i in best]
 
     @staticmethod
@@ -310,7 +314,8 @@ class EagleDrafter(Drafter):
         n = len(st.tokens)
         # Room for the pending pairs and the draft rows forwarded after them.
         self._reserve(st, st.length + n + self.depth * self.top_k)
-        inputs = torch.cat([self._embed(st.tokens), torch.stack(st.feats).to(self.embed_weight.dtype)], dim=-1)
+        feats = st.feats[0] if len(st.feats) == 1 else torch.cat(st.feats)
+        inputs = torch.cat([self._embed(st.tokens), feats.to(self.embed_weight.dtype)], dim=-1)
         pos = list(range(st.length, st.length + n))
         hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE, [n - 1], inputs=inputs)
         st.length += n
@@ -321,9 +326,9 @@ class EagleDrafter(Drafter):
         """The EAGLE-2 search of the torch path, each depth one fused C call. Draft rows go
         to cache positions after the request's pairs (overwritten by the next catch-up); a
         row sees the pairs, its forwarded ancestors and itself."""
-        logp, toks = self.head.topk_of_logits(st.last_logits, k)
-        tokens, parents = toks[0].tolist(), [-1] * k
-        scores, depths = logp[0].tolist(), [1] * k
+        logp, toks = self.head.topk_lists(st.last_logits, k)
+        tokens, parents = toks[0], [-1] * k
+        scores, depths = logp[0], [1] * k
         frontier = list(range(k))
         front_feat = st.last.expand(k, -1)
         seen: dict[int, list[int]] = {}  # forwarded node -> cache slots it sees beyond the pairs
@@ -341,6 +346,6 @@ class EagleDrafter(Drafter):
                                          list(range(n_f)), inputs=inputs, visible=visible)
             m += n_f
             frontier, rows = self._grow(tokens, parents, scores, depths, frontier,
-                                        *self.head.topk_of_logits(logits, k), d)
+                                        *self.head.topk_lists(logits, k), d)
             front_feat = out[rows]
         return self._select(tokens, parents, scores, depths, budget)

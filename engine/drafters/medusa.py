@@ -10,6 +10,7 @@ probabilities, or fixed (Medusa's "choices").
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -127,11 +128,11 @@ class MedusaDrafter(Drafter):
                 logits = self.head.logits(self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]).float()
             if self.dynamic:
                 k = min(budget, MAX_WIDTH, self.head.weight.shape[0])  # a tiny vocabulary caps the width
-                logp, cand = self.head.topk_of_logits(logits, k)  # [K, k]
-                choices = best_tree(logp.exp().tolist(), budget)
+                logp, cand = self.head.topk_lists(logits, k)  # [K][k]
+                choices = best_tree([[math.exp(x) for x in row] for row in logp], budget)
             else:
-                _, cand = self.head.topk_of_logits(logits, self.top_k)  # [K, top_k]
+                _, cand = self.head.topk_lists(logits, self.top_k)  # [K][top_k]
                 choices = self.choices[:budget]
-            tokens, parents = tree_from_choices(choices, cand.tolist())
+            tokens, parents = tree_from_choices(choices, cand)
             trees.append(DraftTree(tokens, parents))
         return trees
