@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import os
 
 import torch
@@ -366,6 +367,17 @@ class FusedModel(_Packed):
         if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits
+
+    def copy_slots(self, kv: torch.Tensor, src, dst) -> None:
+        """kernels.compaction.copy_slots for a contiguous CPU cache [..., blocks, block_size, n_kv, D]:
+        slot dst[m] <- slot src[m] in every layer's K and V, all reads first."""
+        planes = math.prod(kv.shape[:-4])
+        per_plane = kv.shape[-4] * kv.shape[-3]
+        src_arr, src_p = _ints(src)
+        dst_arr, dst_p = _ints(dst)
+        if self.lib.fused_copy_rows(kv.data_ptr(), planes, per_plane, kv.shape[-2] * kv.shape[-1] * kv.element_size(),
+                                    src_p, dst_p, len(src)) != 0:
+            raise MemoryError("KV compaction could not allocate its row buffer")
 
     def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows.

@@ -178,4 +178,7 @@ class ModelRunner:
         """
         if len(src_slots) == 0:
             return
+        if self.fused is not None:  # the kernel library is loaded: a few memcpys per layer
+            self.fused.copy_slots(self.kv_cache, src_slots, dst_slots)
+            return
         copy_slots(self.kv_cache, src_slots.to(self.device), dst_slots.to(self.device))

@@ -1162,6 +1162,24 @@ void fused_topk(const float* x, int64_t rows, int64_t n, int64_t k, float* vals,
     }
 }
 
+/* KV compaction (kernels/compaction.py copy_slots): in each of `planes` planes of rows of
+ * row_bytes (K and V of every layer), row dst[m] <- row src[m] for m < n, a plane's reads
+ * all before its writes, so sources and destinations may overlap. A step moves a few rows
+ * per plane, which torch's advanced indexing takes ~0.15 ms to set up. Returns 0, or -1
+ * when the scratch row buffer could not be allocated. */
+int fused_copy_rows(uint8_t* base, int64_t planes, int64_t per_plane, int64_t row_bytes, const int64_t* src,
+                    const int64_t* dst, int64_t n) {
+    uint8_t* tmp = malloc((size_t)(n * row_bytes) + 1);
+    if (!tmp) return -1;
+    for (int64_t p = 0; p < planes; p++) {
+        uint8_t* plane = base + (size_t)(p * per_plane * row_bytes);
+        for (int64_t m = 0; m < n; m++) memcpy(tmp + m * row_bytes, plane + src[m] * row_bytes, (size_t)row_bytes);
+        for (int64_t m = 0; m < n; m++) memcpy(plane + dst[m] * row_bytes, tmp + m * row_bytes, (size_t)row_bytes);
+    }
+    free(tmp);
+    return 0;
+}
+
 /* A read-bandwidth probe for benchmarks (bench/common.py): the sum of n floats, read
  * the way the GEMVs read their arenas (one sequential stream per thread, prefetched). */
 double fused_stream_sum(const float* x, int64_t n, int64_t threads) {

@@ -329,3 +329,20 @@ def test_int8_gemv_is_the_quantized_product_exactly():
         finally:
             for addr in raw:
                 lib.fused_free(addr)
+
+
+def test_kv_compaction_by_the_kernel_equals_torch(default_dir):
+    """The runner's C row copy (fused targets) moves the same slots as kernels.compaction.copy_slots,
+    reads before writes: a chain of overlapping moves, as compaction makes, and a swap."""
+    from kernels.compaction import copy_slots
+
+    r = ModelRunner(default_dir, "bfloat16")
+    assert r.fused is not None
+    r.allocate_kv(8, 16)
+    g = torch.Generator().manual_seed(5)
+    r.kv_cache.copy_(torch.randn(r.kv_cache.shape, generator=g).to(torch.bfloat16))
+    for src, dst in [([17, 19, 22, 23], [16, 17, 18, 19]), ([3, 40], [40, 3]), ([100], [5])]:
+        expected = r.kv_cache.clone()
+        copy_slots(expected, torch.tensor(src), torch.tensor(dst))
+        r.move_kv(torch.tensor(src), torch.tensor(dst))
+        assert torch.equal(r.kv_cache, expected), (src, dst)
