@@ -8,8 +8,9 @@ take turns prompt by prompt, so a shared machine's load drift hits them alike.
 Prints per-category tau, the time per step spent drafting and verifying, and
 the final JSON line with tokens/s, tau and speedup over speculation-off per
 budget (``by_budget``) and at each drafter's best budget (``eagle_speedup``,
-``medusa_speedup``). Uses the shipped drafters (assets/); --draft random
-measures the machinery alone. ``--plot PNG`` draws speedup and tau by budget and
+``medusa_speedup``). Uses the shipped drafters (assets/) with the engine's prompt-lookup
+chain (``--lookup N``; ``--lookup-off-too`` also runs each drafter without it, as
+``eagle_nolookup`` / ``medusa_nolookup``); --draft random measures the machinery alone. ``--plot PNG`` draws speedup and tau by budget and
 where each step's time goes; ``--from-json FILE --plot PNG`` redraws a saved run.
 """
 from __future__ import annotations
