@@ -58,8 +58,10 @@ def evaluate(model: str, kinds: list[str], drafts: dict, temperatures: list[floa
     for kind in kinds:
         tree = {k: v for k, v in (("draft_depth", draft_depth), ("draft_top_k", draft_top_k),
                                   ("draft_vocab_size", draft_vocab_size)) if v}
+        # lookup_tokens=0: the drafter's own acceptance, as the papers measure it (the engine's
+        # prompt-lookup chain would add its accepted tokens to every depth).
         cfg = EngineConfig(model=model, dtype=dtype, speculation=kind, draft_path=drafts.get(kind),
-                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed, **tree,
+                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed, **tree, lookup_tokens=0,
                            num_blocks=len(flat) * ((max(len(p) for _, p in flat) + max_tokens + tree_budget) // 16 + 3))
         # What engine.generate.build_engine builds, minus the tokenizer (token-id prompts need none).
         executor = InProcessExecutor(model, dtype)
