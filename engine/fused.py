@@ -346,24 +346,29 @@ class FusedModel(_Packed):
         maximum (computed while the rows are still in cache). Returns hidden bf16 [N, hidden],
         logits fp32 [R, vocab].
         """
+        keep = []  # the arrays behind the addresses, alive until the call returns
+
+        def ptr(values, ctype=ctypes.c_int64) -> int:
+            owner, address = _ints(values, ctype)
+            keep.append(owner)
+            return address
+
         n, i32 = len(positions), ctypes.c_int32
         qsl = list(query_start_loc)
         row_seq = [b for b in range(len(qsl) - 1) for _ in range(qsl[b + 1] - qsl[b])]
         mask = None if tree_mask is None else tree_mask.to(torch.uint8).contiguous()
-        vis_ptr = vis_slots = (None, 0)
+        vis_ptr = vis_slots = 0
         if visible is not None:
-            vis_ptr = _ints(list(itertools.accumulate((len(v) for v in visible), initial=0)), i32)
-            vis_slots = _ints([s for v in visible for s in v])
+            vis_ptr = ptr(list(itertools.accumulate((len(v) for v in visible), initial=0)), i32)
+            vis_slots = ptr([s for v in visible for s in v])
         ids = None if ids is None else ids.contiguous()
         inputs = None if inputs is None else inputs.to(torch.bfloat16).contiguous()
-        keep = [_ints(positions), _ints(slots), _ints(row_seq, i32), _ints(block_tables, i32),
-                _ints(context_lens, i32), _ints(qsl, i32), _ints(logit_rows)]
-        (_, pos_p), (_, slot_p), (_, seq_p), (tables, table_p), (_, ctx_p), (_, qsl_p), (_, rows_p) = keep
         hidden = torch.empty(n, self.hidden, dtype=torch.bfloat16)
         logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
-        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), pos_p, slot_p, seq_p, table_p, tables.shape[1],
-                       ctx_p, qsl_p, _t(mask), 0 if mask is None else mask.shape[1], vis_ptr[1], vis_slots[1],
-                       _t(inputs), len(logit_rows), rows_p, _t(hidden), _t(logits), _t(argmax))
+        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), ptr(positions), ptr(slots), ptr(row_seq, i32),
+                       ptr(block_tables, i32), block_tables.shape[1], ptr(context_lens, i32), ptr(qsl, i32),
+                       _t(mask), 0 if mask is None else mask.shape[1], vis_ptr, vis_slots,
+                       _t(inputs), len(logit_rows), ptr(logit_rows), _t(hidden), _t(logits), _t(argmax))
         if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits
