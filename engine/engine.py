@@ -29,7 +29,7 @@ from engine.sequence import Sequence
 from engine.verify import verify_greedy, verify_sampling
 from engine.weights import resolve_model
 from kernels.compaction import compaction_slots
-from kernels.tree import tree_depth
+from kernels.tree import tree_depth_list
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class LLMEngine:
             if tree is not None and tree.tokens:
                 tokens += tree.tokens
                 parents += [p + 1 for p in tree.parents]  # shift: local 0 is the root
-            depth = tree_depth(parents).tolist() if len(parents) > 1 else [0]
+            depth = tree_depth_list(parents) if len(parents) > 1 else [0]
             inputs.append(SeqInput(
                 tokens, [s.num_cached + d for d in depth], s.block_table, s.num_cached,
                 tree_parents=parents if len(tokens) > 1 else None,

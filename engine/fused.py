@@ -47,7 +47,8 @@ class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
         ("ids", _ptr), ("positions", _ptr), ("slots", _ptr), ("row_seq", _ptr),
         ("block_tables", _ptr), ("max_blocks", _i64), ("context_lens", _ptr), ("qsl", _ptr),
         ("tree_mask", _ptr), ("mask_cols", _i64), ("vis_ptr", _ptr), ("vis_slots", _ptr), ("inputs", _ptr),
-        ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr), ("argmax", _ptr)]
+        ("R", _i64), ("logit_rows", _ptr), ("hidden_out", _ptr), ("logits", _ptr), ("argmax", _ptr),
+        ("feats", _ptr)]
 
 
 def build_dir() -> str:
@@ -285,7 +286,7 @@ class FusedModel(_Packed):
         self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
         self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
         self.norm_ptrs = torch.tensor([_t(t) for t in self.keep], dtype=torch.int64)
-        self.embed = embed.detach().contiguous() if embed is not None else None
+        self.embed = embed.detach().to(torch.bfloat16).contiguous() if embed is not None else None
         self.inv_freq = inv_freq.float().contiguous()
         self.fc_bias = fc_bias.detach().to(torch.bfloat16).contiguous() if fc_bias is not None else None
         intermediate = layers[0][3].shape[1]
@@ -315,9 +316,10 @@ class FusedModel(_Packed):
 
     @classmethod
     def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None,
-                  int8: bool = False) -> "FusedModel | None":
+                  int8: bool = False, embed: torch.Tensor | None = None) -> "FusedModel | None":
         """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None.
-        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``)."""
+        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``); embed: the target's
+        bf16 embedding [V, H] (kept by reference), for ``run(ids=, feats=)``."""
         c = model.cfg
         if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
             return None
@@ -327,7 +329,7 @@ class FusedModel(_Packed):
                        L.post_attention_layernorm.weight) for L in model.layers]
         return cls(threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
                    kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, layers=layers,
-                   head=head_weight, final_norm=None, embed=None, inv_freq=model.rope.inv_freq,
+                   head=head_weight, final_norm=None, embed=embed, inv_freq=model.rope.inv_freq,
                    fc=model.fc.weight, fc_bias=model.fc.bias, int8=int8)
 
     # ------------------------------------------------------------------ forwards
@@ -335,12 +337,15 @@ class FusedModel(_Packed):
     def run(self, kv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_start_loc: list[int],
             context_lens: list[int], block_tables: torch.Tensor, logit_rows: torch.Tensor, *, ids=None, inputs=None,
             tree_mask=None, visible: list[list[int]] | None = None,
-            argmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            argmax: torch.Tensor | None = None, feats: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of N rows (shapes: ``Batch`` in kernels/cpu_fused.c).
 
         kv: bf16 [2, layers, blocks, block_size, kv_heads, head_dim]; positions, slots: int64 [N];
         positions, slots and logit_rows may also be lists (cheaper than a tensor for a few rows);
-        ids: int64 [N] (a target) or inputs: bf16 [N, fc_in] (an EAGLE drafter); tree_mask: bool
+        ids: int64 [N] or a list (a target) or inputs: bf16 [N, fc_in] (an EAGLE drafter), or for
+        an EAGLE drafter ids and feats, N addresses of bf16 [fc_in - hidden] feature rows: the
+        kernel gathers each input row [embed[id] ; feature] itself (the caller keeps the feature
+        rows alive; no torch ops per call); tree_mask: bool
         [N, max_T] or None (causal); visible: per row, the slots it sees after its sequence's
         context (overrides tree_mask); argmax: int64 [R] to fill with each logits row's first
         maximum (computed while the rows are still in cache). Returns hidden bf16 [N, hidden],
@@ -361,14 +366,16 @@ class FusedModel(_Packed):
         if visible is not None:
             vis_ptr = ptr(list(itertools.accumulate((len(v) for v in visible), initial=0)), i32)
             vis_slots = ptr([s for v in visible for s in v])
-        ids = None if ids is None else ids.contiguous()
         inputs = None if inputs is None else inputs.to(torch.bfloat16).contiguous()
         hidden = torch.empty(n, self.hidden, dtype=torch.bfloat16)
         logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
-        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, _t(ids), ptr(positions), ptr(slots), ptr(row_seq, i32),
+        if feats is not None and (self.embed is None or ids is None or len(feats) != n):
+            raise ValueError("feats needs ids, one address per row, and a model built with its embedding")
+        batch = _Batch(_t(kv), kv.shape[2], kv.shape[3], n, 0 if ids is None else ptr(ids), ptr(positions), ptr(slots), ptr(row_seq, i32),
                        ptr(block_tables, i32), block_tables.shape[1], ptr(context_lens, i32), ptr(qsl, i32),
                        _t(mask), 0 if mask is None else mask.shape[1], vis_ptr, vis_slots,
-                       _t(inputs), len(logit_rows), ptr(logit_rows), _t(hidden), _t(logits), _t(argmax))
+                       _t(inputs), len(logit_rows), ptr(logit_rows), _t(hidden), _t(logits), _t(argmax),
+                       0 if feats is None else ptr(feats))
         if self.lib.fused_forward(ctypes.byref(self.model), ctypes.byref(batch)) != 0:
             raise MemoryError("fused CPU forward could not allocate its scratch memory")
         return hidden, logits

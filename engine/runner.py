@@ -11,7 +11,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from kernels.compaction import copy_slots
-from kernels.tree import ancestor_mask
+from kernels.tree import ancestor_rows
 from engine.config import ModelConfig
 from engine.fused import FusedModel
 from engine.model import LlamaForCausalLM
@@ -72,13 +72,12 @@ class SeqInput:
 
 def build_model_input(seqs: list[SeqInput], block_size: int) -> ModelInput:
     """Flatten per-sequence inputs into one ModelInput."""
-    ids, pos, slots, qsl, logits_idx = [], [], [], [0], []
+    # Plain lists, one tensor each at the end: this runs every step, for a few rows.
+    ids, pos, slots, qsl, logits_idx, tables, mask = [], [], [], [0], [], [], []
     any_tree = any(s.tree_parents is not None for s in seqs)
     max_t = max(len(s.token_ids) for s in seqs)
     max_blocks = max(len(s.block_table) for s in seqs)
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    masks = []
-    for b, s in enumerate(seqs):
+    for s in seqs:
         t = len(s.token_ids)
         ids += s.token_ids
         pos += s.positions
@@ -86,25 +85,21 @@ def build_model_input(seqs: list[SeqInput], block_size: int) -> ModelInput:
         for i in range(t):
             p = s.context_len + i
             slots.append(s.block_table[p // block_size] * block_size + p % block_size)
-        tables[b, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        tables.append(list(s.block_table) + [0] * (max_blocks - len(s.block_table)))
         rows = s.logits_rows if s.logits_rows is not None else [t - 1]
         logits_idx += [qsl[-1] + r for r in rows]
         qsl.append(qsl[-1] + t)
         if any_tree:
-            m = torch.zeros(t, max_t, dtype=torch.bool)
-            if s.tree_parents is None:
-                m[:, :t] = torch.ones(t, t, dtype=torch.bool).tril()
-            else:
-                m[:, :t] = ancestor_mask(s.tree_parents)
-            masks.append(m)
+            mask += (ancestor_rows(s.tree_parents, max_t) if s.tree_parents is not None else
+                     [[j <= i for j in range(max_t)] for i in range(t)])  # causal rows
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(pos, dtype=torch.long),
         slot_mapping=torch.tensor(slots, dtype=torch.long),
-        block_tables=tables,
+        block_tables=torch.tensor(tables, dtype=torch.int32),
         context_lens=[s.context_len for s in seqs],
         query_start_loc=qsl,
-        tree_mask=torch.cat(masks) if any_tree else None,
+        tree_mask=torch.tensor(mask, dtype=torch.bool) if any_tree else None,
         logits_indices=torch.tensor(logits_idx, dtype=torch.long),
     )
 

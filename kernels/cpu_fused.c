@@ -731,7 +731,7 @@ typedef struct {
     float eps, scale;       /* RMSNorm epsilon, attention scale */
     const Share* shares;    /* [(4 * layers + 2) * threads]: qkv, o, gate_up, down per layer; head; fc */
     const uint64_t* norms;  /* [2 * layers + 1] addresses of bf16 [hidden] weights; the last 0: no final norm */
-    const bf16* embed;      /* bf16 [vocab, hidden] (unused with fc_in) */
+    const bf16* embed;      /* bf16 [vocab, hidden] (with fc_in: only for Batch.feats) */
     const float* inv_freq;  /* fp32 [head_dim / 2] */
     const bf16* fc_bias;    /* bf16 [hidden] or NULL */
 } Model;
@@ -745,7 +745,7 @@ typedef struct {
     bf16* kv;               /* bf16 [2, layers, num_blocks, block_size, kv_heads, head_dim] */
     int64_t num_blocks, block_size;
     int64_t M;
-    const int64_t* ids;     /* [M] token ids (unused with fc_in) */
+    const int64_t* ids;     /* [M] token ids (with fc_in: only for Batch.feats) */
     const int64_t* positions, * slots;  /* [M] */
     const int32_t* row_seq; /* [M] sequence of each row */
     const int32_t* block_tables;  /* [B, max_blocks] */
@@ -761,6 +761,9 @@ typedef struct {
     bf16* hidden_out;       /* [M, hidden]: final-norm (or, without one, last) hidden states */
     float* logits;
     int64_t* argmax;        /* NULL or [R]: each logits row's first maximum (greedy verification) */
+    const uint64_t* feats;  /* NULL, or with fc_in and ids: [M] addresses of bf16 [fc_in - hidden]
+                             * rows; input row m is then [embed[ids[m]] ; *feats[m]] (EAGLE: the
+                             * token's embedding and a feature row, gathered here, not in torch) */
 } Batch;
 
 /* Returns 0, or -1 when scratch memory could not be allocated. */
@@ -795,7 +798,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     }
     /* Scratch sized once the key lists are known (NULL until then, so one cleanup frees all). */
     float* x = NULL, * y = NULL, * o = NULL, * cs = NULL, * scores = NULL, * obuf = NULL, * own_scores = NULL;
-    bf16* xb = NULL, * act = NULL, * qbuf = NULL;
+    bf16* xb = NULL, * act = NULL, * qbuf = NULL, * fc_in = NULL;
     uint8_t* xq = NULL, * parts = NULL;
     int64_t* prefix_slots = malloc(sizeof(int64_t) * (n_prefix + 1));
     int64_t* prefix_at = malloc(sizeof(int64_t) * (B + 1));
@@ -817,7 +820,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
         free(obuf); free(own_scores); free(prefix_slots); free(prefix_at); free(own_slots);       \
         free(own_at); free(own_n); free(units); free(own_col); free(uni_slots); free(xq);         \
-        free(parts);                                                                              \
+        free(parts); free(fc_in);                                                                 \
     } while (0)
     if (!prefix_slots || !prefix_at || !own_slots || !own_at || !own_n || !units || !own_col || !uni_slots) {
         FREE_SCRATCH();
@@ -899,6 +902,19 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         FREE_SCRATCH();
         return -1;
     }
+    const bf16* fc_x = bt_->inputs;
+    if (FC && bt_->feats) {  /* gather the [embedding ; feature] input rows */
+        fc_in = malloc(sizeof(bf16) * (size_t)M * FC);
+        if (!fc_in) {
+            FREE_SCRATCH();
+            return -1;
+        }
+        for (int r = 0; r < M; r++) {
+            memcpy(fc_in + (size_t)r * FC, mdl->embed + (size_t)bt_->ids[r] * H, sizeof(bf16) * H);
+            memcpy(fc_in + (size_t)r * FC + H, (const bf16*)(uintptr_t)bt_->feats[r], sizeof(bf16) * (FC - H));
+        }
+        fc_x = fc_in;
+    }
     for (int r = 0; r < M; r++) {
         if (!FC) {
             const bf16* e = mdl->embed + (size_t)bt_->ids[r] * H;
@@ -920,7 +936,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
         float* us = own_scores + (size_t)t * QU * uld;
         xq_use(xq + xq_per * t, MQ);
         if (FC) {  /* EAGLE: x = fc([embedding ; feature]) + bias */
-            gemv_share(&shares[(size_t)(4 * L + 1) * T + t], FC, bt_->inputs, FC, M, x, H);
+            gemv_share(&shares[(size_t)(4 * L + 1) * T + t], FC, fc_x, FC, M, x, H);
 #pragma omp barrier
             if (mdl->fc_bias) {
 #pragma omp for schedule(static)

@@ -20,14 +20,19 @@ import torch
 Parents = Sequence[int] | torch.Tensor
 
 
+def _parent_list(parents: Parents) -> list[int]:
+    """parents as a list of ints, validated (topological order, -1 for roots)."""
+    p = parents.flatten().tolist() if isinstance(parents, torch.Tensor) else [int(x) for x in parents]
+    if not p:
+        raise ValueError("a tree needs at least one node")
+    if not all(-1 <= x < i for i, x in enumerate(p)):
+        raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), got {p}")
+    return p
+
+
 def _as_parents(parents: Parents) -> torch.Tensor:
     """parents as a CPU int64 tensor [T], validated (topological order, -1 for roots)."""
-    p = torch.as_tensor(parents, dtype=torch.long).flatten().cpu()
-    if p.numel() == 0:
-        raise ValueError("a tree needs at least one node")
-    if not all(-1 <= x < i for i, x in enumerate(p.tolist())):
-        raise ValueError(f"parents must satisfy -1 <= parents[i] < i (topological order), got {p.tolist()}")
-    return p
+    return torch.tensor(_parent_list(parents), dtype=torch.long)
 
 
 SMALL_TREE = 64  # up to this many nodes, plain Python beats a chain of tiny torch ops
@@ -38,15 +43,11 @@ def ancestor_mask(parents: Parents) -> torch.Tensor:
 
     parents: [T]. Returns bool [T, T] (lower triangular, diagonal set).
     """
-    p = _as_parents(parents)
-    t = p.numel()
-    if t <= SMALL_TREE:  # a draft tree: each row is its parent's row plus itself
-        rows: list[list[bool]] = []
-        for i, parent in enumerate(p.tolist()):
-            row = list(rows[parent]) if parent >= 0 else [False] * t
-            row[i] = True
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.bool)
+    pl = _parent_list(parents)
+    t = len(pl)
+    if t <= SMALL_TREE:
+        return torch.tensor(ancestor_rows(pl), dtype=torch.bool)
+    p = torch.tensor(pl, dtype=torch.long)
     idx = torch.arange(t)
     # Pointer jumping: after k rounds, mask[i] holds the ancestors at distance < 2**k
     # and jump[i] is the 2**k-th ancestor (a root points at itself, so it saturates).
@@ -61,18 +62,36 @@ def ancestor_mask(parents: Parents) -> torch.Tensor:
     return mask
 
 
+def ancestor_rows(parents: Parents, width: int | None = None) -> list[list[bool]]:
+    """ancestor_mask as lists, in plain Python (a draft tree: each row is its parent's row
+    plus itself); rows padded with False to ``width`` columns (default T)."""
+    pl = _parent_list(parents)
+    rows: list[list[bool]] = []
+    for i, parent in enumerate(pl):
+        row = list(rows[parent]) if parent >= 0 else [False] * len(pl)
+        row[i] = True
+        rows.append(row)
+    pad = [False] * ((width or len(pl)) - len(pl))
+    return [row + pad for row in rows] if pad else rows
+
+
 def tree_depth(parents: Parents) -> torch.Tensor:
     """Depth of each node (roots 0): the position offset of node i is ``depth[i]``.
 
     parents: [T]. Returns int64 [T].
     """
-    p = _as_parents(parents)
-    if p.numel() <= SMALL_TREE:  # topological order: a parent's depth is known first
-        depth: list[int] = []
-        for parent in p.tolist():
-            depth.append(depth[parent] + 1 if parent >= 0 else 0)
-        return torch.tensor(depth, dtype=torch.long)
-    return ancestor_mask(p).sum(dim=1) - 1
+    pl = _parent_list(parents)
+    if len(pl) <= SMALL_TREE:
+        return torch.tensor(tree_depth_list(pl), dtype=torch.long)
+    return ancestor_mask(pl).sum(dim=1) - 1
+
+
+def tree_depth_list(parents: Parents) -> list[int]:
+    """tree_depth as a list, in plain Python (what the engine needs per step for a few nodes)."""
+    depth: list[int] = []
+    for parent in _parent_list(parents):  # topological order: a parent's depth is known first
+        depth.append(depth[parent] + 1 if parent >= 0 else 0)
+    return depth
 
 
 def tree_paths(parents: Parents) -> list[list[int]]:

@@ -228,6 +228,36 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts,
         assert len(set(f_tree.tokens) & set(e_tree.tokens)) >= 6
 
 
+def test_eagle_input_rows_gathered_by_the_kernel_equal_torch_cat(default_dir):
+    """run(ids=, feats=): the kernel builds each EAGLE input row [embed[id] ; *feature] from
+    addresses (rows in any order, one row twice); bit-identical to passing torch.cat's rows."""
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from engine.executor import InProcessExecutor
+
+    executor = InProcessExecutor(default_dir, "bfloat16")
+    drafter = load_drafter(EngineConfig(dtype="bfloat16", speculation="eagle"), default_dir, executor)
+    fm, embed = drafter.fused, drafter.embed_weight
+    torch.manual_seed(0)
+    feats = torch.randn(5, fm.hidden).to(torch.bfloat16)
+    ids, rows = [17, 4031, 9, 17, 255], [3, 0, 4, 4, 1]
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    pos = [0, 1, 2, 3, 4]
+    results = []
+    for how in ("cat", "addresses"):
+        kv = torch.zeros(2, 1, 1, 64, fm.model.kv_heads, fm.model.head_dim, dtype=torch.bfloat16)
+        if how == "cat":
+            inputs = torch.cat([embed[ids], feats[rows]], dim=-1)
+            results.append(fm.run(kv, pos, pos, [0, 5], [0], table, [0, 4], inputs=inputs))
+        else:
+            addresses = [feats.data_ptr() + r * feats.stride(0) * feats.element_size() for r in rows]
+            results.append(fm.run(kv, pos, pos, [0, 5], [0], table, [0, 4], ids=ids, feats=addresses))
+    (h0, l0), (h1, l1) = results
+    assert torch.equal(h0, h1) and torch.equal(l0, l1)
+    with pytest.raises(ValueError, match="one address per row"):
+        fm.run(kv, pos, pos, [0, 5], [0], table, [0], ids=ids, feats=addresses[:4])
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     """The fused Medusa heads (blocks and draft head in one C call, several requests at

@@ -310,14 +310,23 @@ class EagleDrafter(Drafter):
             kv[:, :, :, : st.length] = st.kv[:, :, :, : st.length]
         st.kv = kv
 
+    @staticmethod
+    def _rows(x: torch.Tensor, rows=None) -> list[int]:
+        """Addresses of rows of a contiguous bf16 [n, H] tensor (all, or the listed ones): the
+        fused drafter gathers its input rows [embedding ; feature] from them in C."""
+        step, base = x.stride(0) * x.element_size(), x.data_ptr()
+        return [base + r * step for r in (range(x.shape[0]) if rows is None else rows)]
+
     def _catch_up_fused(self, st: _State) -> None:
         n = len(st.tokens)
         # Room for the pending pairs and the draft rows forwarded after them.
         self._reserve(st, st.length + n + self.depth * self.top_k)
-        feats = st.feats[0] if len(st.feats) == 1 else torch.cat(st.feats)
-        inputs = torch.cat([self._embed(st.tokens), feats.to(self.embed_weight.dtype)], dim=-1)
+        chunks = [f if f.dtype == torch.bfloat16 and f.is_contiguous() else f.to(torch.bfloat16).contiguous()
+                  for f in st.feats]  # the target's hidden rows: bf16 already on the fused path
+        feats = [a for f in chunks for a in self._rows(f)]
         pos = list(range(st.length, st.length + n))
-        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE, [n - 1], inputs=inputs)
+        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE, [n - 1],
+                                        ids=st.tokens, feats=feats)
         st.length += n
         st.last, st.last_logits = hidden[-1], logits
         st.feats, st.tokens = [], []
@@ -330,7 +339,7 @@ class EagleDrafter(Drafter):
         tokens, parents = toks[0], [-1] * k
         scores, depths = logp[0], [1] * k
         frontier = list(range(k))
-        front_feat = st.last.expand(k, -1)
+        front_feat = [st.last.data_ptr()] * k  # addresses of the frontier's feature rows
         seen: dict[int, list[int]] = {}  # forwarded node -> cache slots it sees beyond the pairs
         m = 0
         for d in range(1, self.depth):
@@ -341,11 +350,11 @@ class EagleDrafter(Drafter):
             visible = [seen.get(parents[node], []) + [slot] for node, slot in zip(frontier, slots)]
             for node, vis in zip(frontier, visible):
                 seen[node] = vis
-            inputs = torch.cat([self._embed([tokens[i] for i in frontier]), front_feat], dim=-1)
             out, logits = self.fused.run(st.kv, [st.length + d - 1] * n_f, slots, [0, n_f], [st.length], self._TABLE,
-                                         list(range(n_f)), inputs=inputs, visible=visible)
+                                         list(range(n_f)), ids=[tokens[i] for i in frontier], feats=front_feat,
+                                         visible=visible)
             m += n_f
             frontier, rows = self._grow(tokens, parents, scores, depths, frontier,
                                         *self.head.topk_lists(logits, k), d)
-            front_feat = out[rows]
+            front_feat = self._rows(out, rows)  # `out` stays referenced until the next call returns
         return self._select(tokens, parents, scores, depths, budget)

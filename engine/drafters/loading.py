@@ -98,9 +98,10 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         pack_cpu_weights(head)
     if cfg.speculation == "eagle":
         # bf16 on a CPU with AVX512-BF16: each draft depth is one C call (engine/fused.py).
-        fused = (FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8)
+        embed = embed.detach().to(dtype)
+        fused = (FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8, embed=embed)
                  if cfg.device == "cpu" else None)
-        return EagleDrafter(model, embed.detach().to(dtype), head, cfg.draft_top_k, cfg.draft_depth,
+        return EagleDrafter(model, embed, head, cfg.draft_top_k, cfg.draft_depth,
                             cfg.draft_min_prob, fused=fused)
     fused = (FusedMedusa.for_medusa(model, head.weight, int8=cfg.draft_int8)
              if cfg.device == "cpu" else None)
