@@ -40,7 +40,7 @@ def test_device_dependent_defaults():
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     # multi-row verification is cheap on AMX tiles
     assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == (8 if has_amx() else 5)
-    assert cpu.engine_config("eagle").draft_vocab_size == 8192  # small CPU trees: a cheaper draft head
+    assert cpu.engine_config("eagle").draft_vocab_size == 4096  # small CPU trees: a cheaper draft head
     gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
     assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)
     assert not gpu.engine_config("eagle").draft_vocab_size  # all of the drafter's vocabulary

@@ -119,7 +119,7 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
              f"- weights: model.safetensors, bf16, {size:.1f} MB (embedding and lm_head are shared from the target)",
              f"- draft vocabulary: {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response ids "
              "(`draft_vocab_ids`"
-             + (", most frequent first: `draft_vocab_size=N` drafts with the top N; the server on CPU uses 8192"
+             + (", most frequent first: `draft_vocab_size=N` drafts with the top N; the server on CPU uses 4096"
                 if cfg.get("draft_vocab_order") == "frequency" else "") + ")",
              f"- training data: {data_note}".rstrip(),
              f"- training: {tr.get('steps')} steps ({tr.get('epochs')} epochs) in {tr.get('seconds')} s on "
