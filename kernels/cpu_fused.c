@@ -806,15 +806,16 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     int64_t* own_slots = malloc(sizeof(int64_t) * (n_own + 1));
     int64_t* own_at = malloc(sizeof(int64_t) * (M + 1));
     int* own_n = malloc(sizeof(int) * M);
-    /* Units of attention work: (sequence, KV head, part of its rows); a tree's rows are
-     * split in T parts so every thread has work, and each part reads the prefix once.
+    /* Units of attention work: (sequence, KV head, part of its rows); where whole KV heads
+     * cannot keep every thread busy, a tree's rows are split in T parts, each of which
+     * reads the prefix once (below: which heads).
      * A part's own keys are scored once for all its queries, against the union of its
      * rows' visible new slots (uni_slots); own_col maps each row's k-th own key to its
      * column there. (One tile pass per unit: per row, the tile setup cost more than the
      * few scores.) */
     int* units = malloc(sizeof(int) * 6 * (size_t)(B * NKV * T + 1));
     int* own_col = malloc(sizeof(int) * (n_own + 1));
-    int64_t* uni_slots = malloc(sizeof(int64_t) * (n_own + (int64_t)T * M + 1));
+    int64_t* uni_slots = malloc(sizeof(int64_t) * (n_own + (int64_t)(T + 1) * M + 1));  /* parts' and whole unions */
 #define FREE_SCRATCH()                                                                            \
     do {                                                                                          \
         free(x); free(y); free(o); free(xb); free(act); free(cs); free(scores); free(qbuf);        \
@@ -852,26 +853,35 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
             }
         }
         const int parts = n_new < T ? n_new : T, per = (n_new + parts - 1) / parts;
-        max_part = per > max_part ? per : max_part;
-        for (int r0 = first; r0 < first + n_new; r0 += per) {
-            const int r1 = r0 + per < first + n_new ? r0 + per : first + n_new, at = n_uni;
-            for (int r = r0; r < r1; r++)
-                for (int k = 0; k < own_n[r]; k++) {
-                    if (bt_->vis_ptr) {  /* first-seen order; draft trees are small */
-                        const int64_t slot = own_slots[own_at[r] + k];
-                        int j = at;
-                        while (j < n_uni && uni_slots[j] != slot) j++;
-                        if (j == n_uni) uni_slots[n_uni++] = slot;
-                        own_col[own_at[r] + k] = j - at;
-                    } else {
-                        const int j = own_col[own_at[r] + k];
-                        while (n_uni - at <= j) { uni_slots[n_uni] = slots[first + n_uni - at]; n_uni++; }
+        /* Every part scores the whole prefix again, so a KV head's rows are split only where
+         * whole heads cannot keep all threads busy: in a target's tree, the heads past a
+         * multiple of T (3 heads on 2 threads: two whole, one split in two); in a drafter's
+         * (vis_ptr: own-key columns are per union) every head. */
+        const int whole = parts == 1 || bt_->vis_ptr ? 0 : NKV - NKV % T;
+        for (int pass = whole ? 0 : 1; pass < 2; pass++) {
+            const int step = pass == 0 ? n_new : per, h0 = pass == 0 ? 0 : whole, h1 = pass == 0 ? whole : NKV;
+            if (h0 == h1) continue;
+            max_part = step > max_part ? step : max_part;
+            for (int r0 = first; r0 < first + n_new; r0 += step) {
+                const int r1 = r0 + step < first + n_new ? r0 + step : first + n_new, at = n_uni;
+                for (int r = r0; r < r1; r++)
+                    for (int k = 0; k < own_n[r]; k++) {
+                        if (bt_->vis_ptr) {  /* first-seen order; draft trees are small */
+                            const int64_t slot = own_slots[own_at[r] + k];
+                            int j = at;
+                            while (j < n_uni && uni_slots[j] != slot) j++;
+                            if (j == n_uni) uni_slots[n_uni++] = slot;
+                            own_col[own_at[r] + k] = j - at;
+                        } else {  /* column j is new row first + j in every union */
+                            const int j = own_col[own_at[r] + k];
+                            while (n_uni - at <= j) { uni_slots[n_uni] = slots[first + n_uni - at]; n_uni++; }
+                        }
                     }
+                max_uni = n_uni - at > max_uni ? n_uni - at : max_uni;
+                for (int kvh = h0; kvh < h1; kvh++) {
+                    int* u = units + 6 * n_units++;
+                    u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r1; u[4] = at; u[5] = n_uni - at;
                 }
-            max_uni = n_uni - at > max_uni ? n_uni - at : max_uni;
-            for (int kvh = 0; kvh < NKV; kvh++) {
-                int* u = units + 6 * n_units++;
-                u[0] = b; u[1] = kvh; u[2] = r0; u[3] = r1; u[4] = at; u[5] = n_uni - at;
             }
         }
     }
