@@ -9,10 +9,12 @@ import torch
 
 from kernels.tree import (
     ancestor_mask,
+    ancestor_rows,
     batch_tree_mask,
     batch_tree_positions,
     pack_mask,
     tree_depth,
+    tree_depth_list,
     tree_paths,
     tree_paths_tensor,
     unpack_mask,
@@ -59,10 +61,12 @@ def test_mask_depth_paths_match_parent_walk(kind, t):
     mask = ancestor_mask(parents)
     depth = tree_depth(parents)
     assert mask.dtype == torch.bool and mask.shape == (t, t)
+    rows, depths = ancestor_rows(parents, t + 3), tree_depth_list(parents)  # the engine's list forms
     for i in range(t):
         path = ancestors(parents, i)
         assert mask[i].nonzero().flatten().tolist() == path
-        assert depth[i].item() == len(path) - 1
+        assert depth[i].item() == depths[i] == len(path) - 1
+        assert [j for j, seen in enumerate(rows[i]) if seen] == path and len(rows[i]) == t + 3
 
     leaves = sorted(set(range(t)) - set(parents))
     paths = tree_paths(parents)
@@ -81,8 +85,9 @@ def test_forest_and_tensor_input():
 
 @pytest.mark.parametrize("bad", [[0], [-1, 1], [-1, 2, 0], [-1, -2], []])
 def test_invalid_parents_raise(bad):
-    with pytest.raises(ValueError):
-        ancestor_mask(bad)
+    for f in (ancestor_mask, tree_depth_list, ancestor_rows):
+        with pytest.raises(ValueError):
+            f(bad)
 
 
 @pytest.mark.parametrize("t", [1, 31, 32, 33, 64, 130])
