@@ -858,9 +858,9 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
          * multiple of T (3 heads on 2 threads: two whole, one split in two); in a drafter's
          * (vis_ptr: own-key columns are per union) every head. */
         const int whole = parts == 1 || bt_->vis_ptr ? 0 : NKV - NKV % T;
-        for (int pass = whole ? 0 : 1; pass < 2; pass++) {
+        for (int pass = 0; pass < 2; pass++) {  /* the whole heads [0, whole), then the split ones */
             const int step = pass == 0 ? n_new : per, h0 = pass == 0 ? 0 : whole, h1 = pass == 0 ? whole : NKV;
-            if (h0 == h1) continue;
+            if (h0 == h1) continue;  /* no heads of this kind */
             max_part = step > max_part ? step : max_part;
             for (int r0 = first; r0 < first + n_new; r0 += step) {
                 const int r1 = r0 + step < first + n_new ? r0 + step : first + n_new, at = n_uni;

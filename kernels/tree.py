@@ -46,7 +46,7 @@ def ancestor_mask(parents: Parents) -> torch.Tensor:
     pl = _parent_list(parents)
     t = len(pl)
     if t <= SMALL_TREE:
-        return torch.tensor(ancestor_rows(pl), dtype=torch.bool)
+        return torch.tensor(_ancestor_rows(pl, t), dtype=torch.bool)
     p = torch.tensor(pl, dtype=torch.long)
     idx = torch.arange(t)
     # Pointer jumping: after k rounds, mask[i] holds the ancestors at distance < 2**k
@@ -66,13 +66,17 @@ def ancestor_rows(parents: Parents, width: int | None = None) -> list[list[bool]
     """ancestor_mask as lists, in plain Python (a draft tree: each row is its parent's row
     plus itself); rows padded with False to ``width`` columns (default T)."""
     pl = _parent_list(parents)
+    return _ancestor_rows(pl, width or len(pl))
+
+
+def _ancestor_rows(pl: list[int], width: int) -> list[list[bool]]:
+    """ancestor_rows of an already validated parent list."""
     rows: list[list[bool]] = []
     for i, parent in enumerate(pl):
-        row = list(rows[parent]) if parent >= 0 else [False] * len(pl)
+        row = list(rows[parent]) if parent >= 0 else [False] * width
         row[i] = True
         rows.append(row)
-    pad = [False] * ((width or len(pl)) - len(pl))
-    return [row + pad for row in rows] if pad else rows
+    return rows
 
 
 def tree_depth(parents: Parents) -> torch.Tensor:
@@ -82,14 +86,19 @@ def tree_depth(parents: Parents) -> torch.Tensor:
     """
     pl = _parent_list(parents)
     if len(pl) <= SMALL_TREE:
-        return torch.tensor(tree_depth_list(pl), dtype=torch.long)
+        return torch.tensor(_depths(pl), dtype=torch.long)
     return ancestor_mask(pl).sum(dim=1) - 1
 
 
 def tree_depth_list(parents: Parents) -> list[int]:
     """tree_depth as a list, in plain Python (what the engine needs per step for a few nodes)."""
+    return _depths(_parent_list(parents))
+
+
+def _depths(pl: list[int]) -> list[int]:
+    """tree_depth_list of an already validated parent list."""
     depth: list[int] = []
-    for parent in _parent_list(parents):  # topological order: a parent's depth is known first
+    for parent in pl:  # topological order: a parent's depth is known first
         depth.append(depth[parent] + 1 if parent >= 0 else 0)
     return depth
 
