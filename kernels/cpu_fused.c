@@ -1188,6 +1188,232 @@ void fused_topk(const float* x, int64_t rows, int64_t n, int64_t k, float* vals,
     }
 }
 
+/* ---- an EAGLE-2 draft step ----------------------------------------------------------
+ *
+ * One call per request and step (engine/drafters/eagle.py): run the request's pending
+ * (token, feature) pairs through the drafter (the catch-up), then the EAGLE-2 tree search,
+ * one drafter forward per depth, and the rerank. In Python the search's bookkeeping (top-k
+ * lists, frontier, visible slots, the call's arrays) cost about as much as the forwards'
+ * own weight reads on a small drafter; here it costs microseconds.
+ *
+ * The search, exactly as the torch path's (EagleDrafter._propose_one): the root's top_k
+ * children from the last pair's logits are depth 1; while not stopped, the frontier (<= k
+ * nodes) is forwarded at once, each row seeing the request's pairs, its forwarded ancestors
+ * and itself, and the frontier's children join the tree; the next frontier is the k best
+ * children by cumulative log-probability (ties: the first in (frontier, rank) order). Stop
+ * when the budget-th best score so far is at least the best frontier score (no deeper node
+ * can make the selection) or when the best frontier path is less likely than min_prob.
+ * Then keep the budget best nodes by score (ties: shallower, then earlier), never a node
+ * without its parent. Scores are fp64 sums of the fp32 top-k log-probabilities. */
+typedef struct {
+    bf16* kv;                   /* the request's drafter cache [2, layers, 1, capacity, kv_heads, head_dim] */
+    int64_t capacity;           /* slots; the caller reserves length + n_new + depth * top_k */
+    int64_t length;             /* in: pairs in the cache; out: after the catch-up */
+    int64_t n_new;              /* pending pairs: token ids, and addresses of their feature rows */
+    const int64_t* new_ids;
+    const uint64_t* new_feats;
+    bf16* last_hidden;          /* in/out [hidden]: drafter output at the last pair */
+    float* last_logits;         /* in/out [vocab]: its draft-head logits */
+    const int64_t* vocab_ids;   /* NULL, or [vocab]: the token id of each draft-head row */
+    int64_t budget, top_k, depth;
+    double min_prob;
+    int64_t* tokens, * parents; /* out: [budget] nodes in (depth, index) order, parents local (-1: root) */
+    int64_t n_out;
+} EagleStep;
+
+typedef struct { double score; int64_t depth, index; } NodeKey;
+
+static int node_key_order(const void* a, const void* b) {  /* score desc, then depth, then index */
+    const NodeKey* x = a, * y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    if (x->depth != y->depth) return x->depth < y->depth ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+static int node_depth_order(const void* a, const void* b) {  /* depth, then index */
+    const NodeKey* x = a, * y = b;
+    if (x->depth != y->depth) return x->depth < y->depth ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+static int cum_order(const void* a, const void* b) {  /* score desc, then index (heapq.nlargest's order) */
+    const NodeKey* x = a, * y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* Whether expanding the frontier one more depth cannot pay (EagleDrafter._stop). */
+static int eagle_stop(const double* score, int64_t n, const int64_t* frontier, int64_t nf, int64_t budget,
+                      double min_prob, double* sorted) {
+    double best = -INFINITY;
+    for (int64_t j = 0; j < nf; j++) best = score[frontier[j]] > best ? score[frontier[j]] : best;
+    if (n >= budget) {
+        NodeKey* keys = (NodeKey*)sorted;  /* scratch of n NodeKeys */
+        for (int64_t i = 0; i < n; i++) keys[i] = (NodeKey){score[i], 0, i};
+        qsort(keys, n, sizeof(NodeKey), cum_order);
+        if (keys[budget - 1].score >= best) return 1;
+    }
+    return exp(best) < min_prob;
+}
+
+/* Returns 0, -1 when memory could not be allocated, -2 on bad sizes. */
+int eagle_propose(const Model* mdl, EagleStep* e) {
+    const int64_t H = mdl->hidden, V = mdl->vocab, k = e->top_k, budget = e->budget, depth = e->depth;
+    if (k < 1 || k > 64 || k > V || budget < 1 || depth < 1) return -2;
+    const int64_t max_nodes = k + (depth - 1) * k * k;
+    const int32_t table = 0;
+    int64_t* tok = malloc(sizeof(int64_t) * 4 * max_nodes);  /* per node: token, parent, depth, cache slot */
+    double* score = malloc(sizeof(double) * max_nodes);
+    NodeKey* keys = malloc(sizeof(NodeKey) * max_nodes);
+    int64_t* rows = malloc(sizeof(int64_t) * 4 * k);  /* a depth's positions, slots, ids, logit rows */
+    uint64_t* feats = malloc(sizeof(uint64_t) * (k + 1));
+    int32_t* vis_ptr = malloc(sizeof(int32_t) * (k + 1));
+    int64_t* vis = malloc(sizeof(int64_t) * k * depth);
+    float* vals = malloc(sizeof(float) * k * k);
+    int64_t* idx = malloc(sizeof(int64_t) * k * k);
+    bf16* hid = malloc(sizeof(bf16) * H * (2 * k + (e->n_new > 0 ? e->n_new : 1)));  /* two depths, the catch-up */
+    float* logits = malloc(sizeof(float) * V * k);
+    int rc = 0;
+    if (!tok || !score || !keys || !rows || !feats || !vis_ptr || !vis || !vals || !idx || !hid || !logits) {
+        rc = -1;
+        goto done;
+    }
+    /* fslot: a forwarded node's cache slot (-1: not forwarded); after the rerank, a kept
+     * node's index in the output (-1: dropped) */
+    int64_t* parent = tok + max_nodes, * dep = tok + 2 * max_nodes, * fslot = tok + 3 * max_nodes;
+    int32_t qsl[2] = {0, 0}, ctx;
+    Batch b;
+    memset(&b, 0, sizeof b);
+    b.kv = e->kv;
+    b.num_blocks = 1;
+    b.block_size = e->capacity;
+    b.row_seq = (const int32_t*)calloc(1, sizeof(int32_t) * (e->n_new > k ? e->n_new : k));
+    b.block_tables = &table;
+    b.max_blocks = 1;
+    b.context_lens = &ctx;
+    b.qsl = qsl;
+    if (!b.row_seq) {
+        rc = -1;
+        goto done;
+    }
+    if (e->n_new > 0) {  /* the catch-up: the pending pairs, causally, after the cached ones */
+        const int64_t n = e->n_new;
+        int64_t* pos = malloc(sizeof(int64_t) * n), last = n - 1;
+        if (!pos) {
+            rc = -1;
+            goto free_seq;
+        }
+        for (int64_t i = 0; i < n; i++) pos[i] = e->length + i;
+        ctx = (int32_t)e->length;
+        qsl[1] = (int32_t)n;
+        b.M = n;
+        b.ids = e->new_ids;
+        b.feats = e->new_feats;
+        b.positions = b.slots = pos;
+        b.R = 1;
+        b.logit_rows = &last;
+        b.hidden_out = hid + 2 * k * H;
+        b.logits = e->last_logits;
+        rc = fused_forward(mdl, &b);
+        free(pos);
+        if (rc) goto free_seq;
+        memcpy(e->last_hidden, hid + (2 * k + n - 1) * H, sizeof(bf16) * H);
+        e->length += n;
+    }
+    ctx = (int32_t)e->length;
+    /* depth 1: the root's children */
+    fused_topk(e->last_logits, 1, V, k, vals, idx, mdl->threads);
+    int64_t n = 0, nf = k, m = 0;
+    int64_t frontier[64];
+    for (int64_t j = 0; j < k; j++, n++) {
+        tok[n] = e->vocab_ids ? e->vocab_ids[idx[j]] : idx[j];
+        parent[n] = -1;
+        dep[n] = 1;
+        score[n] = vals[j];
+        fslot[n] = -1;
+        frontier[j] = n;
+        feats[j] = (uint64_t)(uintptr_t)e->last_hidden;
+    }
+    for (int64_t d = 1; d < depth; d++) {
+        if (eagle_stop(score, n, frontier, nf, budget, e->min_prob, (double*)keys)) break;
+        int64_t* pos = rows, * slots = rows + k, * ids = rows + 2 * k, * lrows = rows + 3 * k;
+        int32_t at = 0;
+        for (int64_t j = 0; j < nf; j++) {  /* each row sees its forwarded ancestors, then itself */
+            const int64_t node = frontier[j];
+            pos[j] = e->length + d - 1;
+            slots[j] = fslot[node] = e->length + m + j;
+            ids[j] = tok[node];
+            lrows[j] = j;
+            vis_ptr[j] = at;
+            int64_t chain = 0;
+            for (int64_t a = node; a >= 0; a = parent[a]) chain++;
+            at += (int32_t)chain;
+            for (int64_t a = node, i = at - 1; a >= 0; a = parent[a], i--) vis[i] = fslot[a];
+        }
+        vis_ptr[nf] = at;
+        bf16* out = hid + (d % 2) * k * H;  /* the previous depth's rows stay readable as features */
+        qsl[1] = (int32_t)nf;
+        b.M = nf;
+        b.ids = ids;
+        b.feats = feats;
+        b.positions = pos;
+        b.slots = slots;
+        b.vis_ptr = vis_ptr;
+        b.vis_slots = vis;
+        b.R = nf;
+        b.logit_rows = lrows;
+        b.hidden_out = out;
+        b.logits = logits;
+        if ((rc = fused_forward(mdl, &b))) goto free_seq;
+        m += nf;
+        fused_topk(logits, nf, V, k, vals, idx, mdl->threads);
+        /* the children, in (frontier, rank) order; the next frontier: the k best of them */
+        const int64_t base = n, nc = nf * k, keep = k < nc ? k : nc;
+        for (int64_t i = 0; i < nc; i++, n++) {
+            tok[n] = e->vocab_ids ? e->vocab_ids[idx[i]] : idx[i];
+            parent[n] = frontier[i / k];
+            dep[n] = d + 1;
+            score[n] = score[frontier[i / k]] + (double)vals[i];
+            fslot[n] = -1;
+            keys[i] = (NodeKey){score[n], 0, i};
+        }
+        qsort(keys, nc, sizeof(NodeKey), cum_order);
+        for (int64_t j = 0; j < keep; j++) {
+            frontier[j] = base + keys[j].index;
+            feats[j] = (uint64_t)(uintptr_t)(out + (keys[j].index / k) * H);
+        }
+        nf = keep;
+    }
+    /* the rerank (engine/drafters/trees.py select_dynamic) */
+    for (int64_t i = 0; i < n; i++) {
+        keys[i] = (NodeKey){score[i], dep[i], i};
+        fslot[i] = -1;
+    }
+    qsort(keys, n, sizeof(NodeKey), node_key_order);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n && kept < budget; i++) {  /* keys[0 .. kept): the kept nodes */
+        const int64_t node = keys[i].index;
+        if (parent[node] == -1 || fslot[parent[node]] >= 0) {
+            fslot[node] = 0;
+            keys[kept++] = (NodeKey){0.0, dep[node], node};
+        }
+    }
+    qsort(keys, kept, sizeof(NodeKey), node_depth_order);
+    for (int64_t i = 0; i < kept; i++) {  /* parents come first in this order */
+        const int64_t node = keys[i].index;
+        fslot[node] = i;
+        e->tokens[i] = tok[node];
+        e->parents[i] = parent[node] == -1 ? -1 : fslot[parent[node]];
+    }
+    e->n_out = kept;
+free_seq:
+    free((void*)b.row_seq);
+done:
+    free(tok); free(score); free(keys); free(rows); free(feats); free(vis_ptr); free(vis); free(vals); free(idx);
+    free(hid); free(logits);
+    return rc;
+}
+
 /* KV compaction (kernels/compaction.py copy_slots): in each of `planes` planes of rows of
  * row_bytes (K and V of every layer), row dst[m] <- row src[m] for m < n, a plane's reads
  * all before its writes, so sources and destinations may overlap. A step moves a few rows

@@ -86,6 +86,8 @@ def load(build_dir: str) -> ctypes.CDLL:
     lib.fused_gemv.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64]
     lib.fused_argmax.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, ctypes.c_int64]
     lib.fused_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int64]
+    lib.eagle_propose.restype = i
+    lib.eagle_propose.argtypes = [p, p]  # const Model*, EagleStep* (engine/fused.py)
     lib.fused_copy_rows.restype = i  # base, planes, rows per plane, row bytes, src, dst, n
     lib.fused_copy_rows.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int64]
     lib.fused_stream_sum.restype = ctypes.c_double

@@ -9,6 +9,8 @@ with AMX the GEMVs run on tiles, and the random-config test checks both paths.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -226,6 +228,102 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts,
     for f_tree, e_tree in zip(*trees):
         assert len(f_tree.tokens) == len(e_tree.tokens) == 8
         assert len(set(f_tree.tokens) & set(e_tree.tokens)) >= 6
+
+
+def eagle2_reference(fm, embed, vocab_ids, kv, length, pending, feats, budget, k, depth, min_prob):
+    """The EAGLE-2 draft step in plain Python over FusedModel.run, one call per depth, input
+    rows built with torch.cat: the oracle of the C step. Returns (tokens, parents, length,
+    last hidden row)."""
+    table = torch.zeros(1, 1, dtype=torch.int32)
+
+    def forward(ids, feat_rows, positions, slots, ctx, visible=None):
+        inputs = torch.cat([embed[ids], feat_rows], dim=-1)
+        n = len(ids)
+        rows = [n - 1] if visible is None else list(range(n))
+        return fm.run(kv, positions, slots, [0, n], [ctx], table, rows, inputs=inputs, visible=visible)
+
+    def top(logits):  # per row: [(log-prob, token id)], best first
+        vals, idx = topk_logprobs(logits, k)
+        idx = idx if vocab_ids is None else vocab_ids[idx]
+        return [list(zip(v, t)) for v, t in zip(vals.tolist(), idx.tolist())]
+
+    span = list(range(length, length + len(pending)))
+    hidden, logits = forward(pending, feats, span, span, length)
+    length += len(pending)
+    last = hidden[-1]
+    nodes = [{"token": t, "parent": -1, "depth": 1, "score": lp} for lp, t in top(logits)[0]]
+    frontier, frontier_feats, slot, used = list(range(k)), [last] * k, {}, 0
+    for d in range(1, depth):
+        best = max(nodes[i]["score"] for i in frontier)
+        ranked = sorted((nd["score"] for nd in nodes), reverse=True)
+        if (len(nodes) >= budget and ranked[budget - 1] >= best) or math.exp(best) < min_prob:
+            break
+        for j, i in enumerate(frontier):
+            slot[i] = length + used + j
+        used += len(frontier)
+
+        def path(i):  # cache slots of i's forwarded ancestors, then its own
+            return [] if i < 0 else path(nodes[i]["parent"]) + [slot[i]]
+
+        hidden, logits = forward([nodes[i]["token"] for i in frontier], torch.stack(frontier_feats),
+                                 [length + d - 1] * len(frontier), [slot[i] for i in frontier], length,
+                                 visible=[path(i) for i in frontier])
+        children = [(nodes[i]["score"] + lp, t, i, row)
+                    for row, (i, cands) in enumerate(zip(frontier, top(logits))) for lp, t in cands]
+        base = len(nodes)
+        nodes += [{"token": t, "parent": i, "depth": d + 1, "score": sc} for sc, t, i, _ in children]
+        best_k = sorted(range(len(children)), key=lambda c: -children[c][0])[:k]  # stable: ties keep order
+        frontier = [base + c for c in best_k]
+        frontier_feats = [hidden[children[c][3]] for c in best_k]
+    kept = []
+    for i in sorted(range(len(nodes)), key=lambda i: (-nodes[i]["score"], nodes[i]["depth"], i)):
+        if len(kept) == budget:
+            break
+        if nodes[i]["parent"] == -1 or nodes[i]["parent"] in kept:
+            kept.append(i)
+    kept.sort(key=lambda i: (nodes[i]["depth"], i))
+    parents = [-1 if nodes[i]["parent"] < 0 else kept.index(nodes[i]["parent"]) for i in kept]
+    return [nodes[i]["token"] for i in kept], parents, length, last
+
+
+@pytest.mark.parametrize("budget,min_prob", [(8, 0.35), (8, 0.0), (24, 0.0)])
+def test_eagle_draft_step_in_c_equals_the_search_in_python(default_dir, chat_prompts, budget, min_prob):
+    """The fused drafter's whole draft step (catch-up, EAGLE-2 search, rerank) runs in one C
+    call; it must draft exactly the tree of the same search written in Python over one fused
+    forward per depth, and leave the same drafter cache, step after step."""
+    from engine.config import EngineConfig
+    from engine.drafters.loading import load_drafter
+    from engine.executor import InProcessExecutor
+
+    executor = InProcessExecutor(default_dir, "bfloat16")
+    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=budget, draft_min_prob=min_prob,
+                       draft_vocab_size=4096)
+    drafter = load_drafter(cfg, default_dir, executor)
+    fm, k = drafter.fused, min(cfg.draft_top_k, budget)
+    r = executor.runner
+    r.allocate_kv(40, 16)
+    ids = sum(chat_prompts * 4, [])[:150]
+    out = run(r, [SeqInput(ids, list(range(150)), list(range(10)), 0)])  # the target's features
+    drafter.on_prefill("a", ids[:120], out.hidden[:120], ids[120])
+    st = drafter.states["a"]
+    ref_kv = torch.zeros(2, 1, 1, 512, fm.model.kv_heads, fm.model.head_dim, dtype=torch.bfloat16)
+    ref_len, sizes, at = 0, [], 120
+    for accept in (0, 4, 1, 3, 1, 5, 2, 1):  # verified steps: the root and accept - 1 drafted tokens, a bonus
+        if accept:
+            drafter.on_verified("a", ids[at:at + accept], out.hidden[at:at + accept], ids[at + accept])
+            at += accept
+        pending, feats = list(st.tokens), torch.cat(st.feats).to(torch.bfloat16)
+        want = eagle2_reference(fm, drafter.embed_weight, drafter.head.ids, ref_kv, ref_len, pending, feats,
+                                budget, k, cfg.draft_depth, min_prob)
+        tree = drafter.propose(["a"], [budget])[0]
+        assert (tree.tokens, tree.parents) == (want[0], want[1])
+        ref_len = want[2]
+        assert st.length == ref_len and torch.equal(st.last, want[3])
+        assert torch.equal(st.kv[:, :, :, :ref_len], ref_kv[:, :, :, :ref_len])
+        sizes.append(len(tree.tokens))
+    assert sizes == [budget] * 8
+    with pytest.raises(ValueError, match="top_k 65"):
+        fm.eagle_step(st.kv, st.length, [], [], st.last, st.last_logits, None, budget, 65, 8, 0.0)
 
 
 def test_eagle_input_rows_gathered_by_the_kernel_equal_torch_cat(default_dir):

@@ -202,8 +202,6 @@ class EagleDrafter(Drafter):
         n = len(st.tokens)
         if n == 0:
             return
-        if self.fused is not None:
-            return self._catch_up_fused(st)
         feats = torch.cat(st.feats).unsqueeze(0)
         emb = self._embed(st.tokens).unsqueeze(0)
         pos = torch.arange(st.length, st.length + n).unsqueeze(0)
@@ -221,10 +219,10 @@ class EagleDrafter(Drafter):
         st = self.states.get(request_id)
         if st is None or budget <= 0:
             return DraftTree([], [])
-        self._catch_up(st)
         k = min(self.top_k, budget)  # wider than the budget cannot pay: only `budget` nodes are kept
         if self.fused is not None:
             return self._propose_fused(st, budget, k)
+        self._catch_up(st)
         # Every drafted node: token, parent (-1 root), cumulative log-prob, depth.
         logp, toks = self.head.topk(st.last.unsqueeze(0), k)
         tokens, parents = toks[0].tolist(), [-1] * k
@@ -297,8 +295,6 @@ class EagleDrafter(Drafter):
 
     # -------------------------------------------------------------- fused CPU path
 
-    _TABLE = torch.zeros(1, 1, dtype=torch.int32)  # one block per request: slot == position
-
     def _reserve(self, st: _State, tokens: int) -> None:
         """Grow the request's drafter KV cache to hold `tokens` positions (doubling)."""
         if st.kv is not None and st.kv.shape[3] >= tokens:
@@ -311,50 +307,28 @@ class EagleDrafter(Drafter):
         st.kv = kv
 
     @staticmethod
-    def _rows(x: torch.Tensor, rows=None) -> list[int]:
-        """Addresses of rows of a contiguous bf16 [n, H] tensor (all, or the listed ones): the
-        fused drafter gathers its input rows [embedding ; feature] from them in C."""
+    def _rows(x: torch.Tensor) -> list[int]:
+        """Addresses of the rows of a contiguous bf16 [n, H] tensor: the fused drafter gathers
+        its input rows [embedding ; feature] from them in C."""
         step, base = x.stride(0) * x.element_size(), x.data_ptr()
-        return [base + r * step for r in (range(x.shape[0]) if rows is None else rows)]
+        return [base + r * step for r in range(x.shape[0])]
 
-    def _catch_up_fused(self, st: _State) -> None:
+    def _propose_fused(self, st: _State, budget: int, k: int) -> DraftTree:
+        """The catch-up and the EAGLE-2 search of the torch path in one C call
+        (FusedModel.eagle_step), each depth one fused drafter forward. Draft rows go to cache
+        positions after the request's pairs (overwritten by the next catch-up); a row sees
+        the pairs, its forwarded ancestors and itself."""
         n = len(st.tokens)
         # Room for the pending pairs and the draft rows forwarded after them.
         self._reserve(st, st.length + n + self.depth * self.top_k)
+        if st.last is None:
+            st.last = torch.empty(self.fused.hidden, dtype=torch.bfloat16)
+            st.last_logits = torch.empty(1, self.fused.vocab, dtype=torch.float32)
         chunks = [f if f.dtype == torch.bfloat16 and f.is_contiguous() else f.to(torch.bfloat16).contiguous()
                   for f in st.feats]  # the target's hidden rows: bf16 already on the fused path
         feats = [a for f in chunks for a in self._rows(f)]
-        pos = list(range(st.length, st.length + n))
-        hidden, logits = self.fused.run(st.kv, pos, pos, [0, n], [st.length], self._TABLE, [n - 1],
-                                        ids=st.tokens, feats=feats)
+        tokens, parents = self.fused.eagle_step(st.kv, st.length, st.tokens, feats, st.last, st.last_logits,
+                                                self.head.ids, budget, k, self.depth, self.min_expand_prob)
         st.length += n
-        st.last, st.last_logits = hidden[-1], logits
         st.feats, st.tokens = [], []
-
-    def _propose_fused(self, st: _State, budget: int, k: int) -> DraftTree:
-        """The EAGLE-2 search of the torch path, each depth one fused C call. Draft rows go
-        to cache positions after the request's pairs (overwritten by the next catch-up); a
-        row sees the pairs, its forwarded ancestors and itself."""
-        logp, toks = self.head.topk_lists(st.last_logits, k)
-        tokens, parents = toks[0], [-1] * k
-        scores, depths = logp[0], [1] * k
-        frontier = list(range(k))
-        front_feat = [st.last.data_ptr()] * k  # addresses of the frontier's feature rows
-        seen: dict[int, list[int]] = {}  # forwarded node -> cache slots it sees beyond the pairs
-        m = 0
-        for d in range(1, self.depth):
-            if self._stop(scores, frontier, budget):
-                break
-            n_f = len(frontier)
-            slots = [st.length + m + j for j in range(n_f)]
-            visible = [seen.get(parents[node], []) + [slot] for node, slot in zip(frontier, slots)]
-            for node, vis in zip(frontier, visible):
-                seen[node] = vis
-            out, logits = self.fused.run(st.kv, [st.length + d - 1] * n_f, slots, [0, n_f], [st.length], self._TABLE,
-                                         list(range(n_f)), ids=[tokens[i] for i in frontier], feats=front_feat,
-                                         visible=visible)
-            m += n_f
-            frontier, rows = self._grow(tokens, parents, scores, depths, frontier,
-                                        *self.head.topk_lists(logits, k), d)
-            front_feat = self._rows(out, rows)  # `out` stays referenced until the next call returns
-        return self._select(tokens, parents, scores, depths, budget)
+        return DraftTree(tokens, parents)
