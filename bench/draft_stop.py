@@ -44,7 +44,7 @@ def main():
     model_dir = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model_dir)
     executor = InProcessExecutor(model_dir, dtype)
-    engines, forwards = {}, {}
+    engines, drafters = {}, {}
     for p in min_probs:
         try:
             cfg = EngineConfig(dtype=dtype, speculation="eagle", draft_path=args.draft, tree_budget=args.tree_budget,
@@ -52,20 +52,10 @@ def main():
                                draft_min_prob=p)
         except ValueError as exc:
             ap.error(str(exc))
-        drafter = load_drafter(cfg, model_dir, executor)
+        drafters[p] = drafter = load_drafter(cfg, model_dir, executor)
         engines[p] = LLMEngine(cfg, executor, drafter, tok)
         engines[p].generate([TUNING_PROMPTS[0]], SamplingParams(max_tokens=8))  # warm-up
-        forwards[p] = 0
-
-        # A drafter forward is a torch module call, or one fused C call (engine/fused.py).
-        runner = drafter.fused if drafter.fused is not None else drafter.model
-        name = "run" if drafter.fused is not None else "forward"
-
-        def counted(*a, _p=p, _f=getattr(runner, name), **k):
-            forwards[_p] += 1
-            return _f(*a, **k)
-
-        setattr(runner, name, counted)
+        drafter.forwards = 0  # counted by the drafter: catch-ups and draft depths
     prompts = [engines[min_probs[0]].tokenize_chat([{"role": "user", "content": p}])
                for p in TUNING_PROMPTS[: args.prompts]]
     totals = {p: {"committed": 0, "steps": 0, "draft_s": 0.0, "verify_s": 0.0} for p in min_probs}
@@ -84,7 +74,7 @@ def main():
         draft_ms, verify_ms = 1e3 * t["draft_s"] / steps, 1e3 * t["verify_s"] / steps
         tau = t["committed"] / steps
         by[str(p)] = {"tau": round(tau, 4), "draft_ms": round(draft_ms, 2), "verify_ms": round(verify_ms, 2),
-                      "drafter_forwards_per_step": round(forwards[p] / steps, 3),
+                      "drafter_forwards_per_step": round(drafters[p].forwards / steps, 3),
                       "value": round(1e3 * tau / (verify_ms + draft_ms), 2)}
         print(f"draft_min_prob {p}: {by[str(p)]}")
     emit({"bench": "draft_stop", "dtype": dtype, "tree_budget": args.tree_budget, "prompts": len(prompts),

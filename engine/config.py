@@ -188,11 +188,12 @@ def auto_draft_vocab_size(device: str = "cpu") -> int | None:
 
 def auto_draft_min_prob(device: str = "cpu") -> float:
     """EAGLE's cost-aware stop: 0 (exact EAGLE-2 search) on a GPU, where a draft depth is a
-    small fraction of a target step; 0.35 on a CPU, where one depth (a fused drafter call and
-    the top-k, ~0.6 ms) is ~6% of a 5-node verify step (~10.4 ms): on the tuning prompts at a
-    5-node tree, tau per ms of a step is flat from 0.15 to 0.45 and highest at 0.35, which cuts
-    drafting from 2.7 to 1.75 ms a step for 4.5% of tau (bench/draft_stop.py, docs/benchmarks.md)."""
-    return 0.0 if device.startswith("cuda") else 0.35
+    small fraction of a target step; 0.2 on a CPU, where one depth (a fused drafter forward,
+    ~0.35 ms with the search in C) is ~2.5% of an 8-node verify step (~14 ms): on the tuning
+    prompts at the CPU's 8-node tree, tau per ms of a step is highest at 0.2, 4% above 0.35
+    (2.38 drafter forwards a step instead of 1.79, tau 2.41 instead of 2.30; session 14,
+    bench/draft_stop.py, docs/benchmarks.md)."""
+    return 0.0 if device.startswith("cuda") else 0.2
 
 
 def auto_tree_budget(device: str = "cpu") -> int:

@@ -55,7 +55,8 @@ class _EagleStep(ctypes.Structure):  # mirrors `EagleStep` in kernels/cpu_fused.
     _fields_ = [
         ("kv", _ptr), ("capacity", _i64), ("length", _i64), ("n_new", _i64), ("new_ids", _ptr), ("new_feats", _ptr),
         ("last_hidden", _ptr), ("last_logits", _ptr), ("vocab_ids", _ptr), ("budget", _i64), ("top_k", _i64),
-        ("depth", _i64), ("min_prob", ctypes.c_double), ("tokens", _ptr), ("parents", _ptr), ("n_out", _i64)]
+        ("depth", _i64), ("min_prob", ctypes.c_double), ("tokens", _ptr), ("parents", _ptr), ("n_out", _i64),
+        ("forwards", _i64)]
 
 
 def build_dir() -> str:
@@ -389,7 +390,7 @@ class FusedModel(_Packed):
 
     def eagle_step(self, kv: torch.Tensor, length: int, ids: list[int], feats: list[int], last_hidden: torch.Tensor,
                    last_logits: torch.Tensor, vocab_ids: torch.Tensor | None, budget: int, top_k: int, depth: int,
-                   min_prob: float) -> tuple[list[int], list[int]]:
+                   min_prob: float) -> tuple[list[int], list[int], int]:
         """One EAGLE-2 draft step of an EAGLE drafter in one C call (eagle_propose in
         kernels/cpu_fused.c): the pending pairs (token ids, addresses of their bf16 feature
         rows) run after the ``length`` cached ones, then the tree search and the rerank.
@@ -398,7 +399,8 @@ class FusedModel(_Packed):
         length + len(ids) + depth * top_k slots; last_hidden bf16 [hidden] and last_logits
         fp32 [1, vocab] hold the last pair's output (written here when ids are given, read
         as the root otherwise); vocab_ids: int64 [vocab] token id of each head row, or None.
-        Returns the tree: tokens and parents (-1: the root), parents first.
+        Returns the tree, tokens and parents (-1: the root; parents first), and the number of
+        drafter forwards run.
         """
         i64 = ctypes.c_int64
         tokens, parents = (i64 * budget)(), (i64 * budget)()
@@ -407,14 +409,14 @@ class FusedModel(_Packed):
         vocab_ids = None if vocab_ids is None else vocab_ids.to(torch.int64).contiguous()
         step = _EagleStep(_t(kv), kv.shape[3], length, len(ids), ids_p, feats_p, _t(last_hidden), _t(last_logits),
                           _t(vocab_ids), budget, top_k, depth, min_prob, ctypes.addressof(tokens),
-                          ctypes.addressof(parents), 0)
+                          ctypes.addressof(parents), 0, 0)
         rc = self.lib.eagle_propose(ctypes.byref(self.model), ctypes.byref(step))
         if rc == -1:
             raise MemoryError("the EAGLE draft step could not allocate its scratch memory")
         if rc != 0:
             raise ValueError(f"bad EAGLE draft step sizes: budget {budget}, top_k {top_k}, depth {depth}")
         n = step.n_out
-        return tokens[:n], parents[:n]
+        return tokens[:n], parents[:n], step.forwards
 
     def copy_slots(self, kv: torch.Tensor, src, dst) -> None:
         """kernels.compaction.copy_slots for a contiguous CPU cache [..., blocks, block_size, n_kv, D]:

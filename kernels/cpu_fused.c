@@ -1219,6 +1219,7 @@ typedef struct {
     double min_prob;
     int64_t* tokens, * parents; /* out: [budget] nodes in (depth, index) order, parents local (-1: root) */
     int64_t n_out;
+    int64_t forwards;           /* out: drafter forwards run (the catch-up and one per depth) */
 } EagleStep;
 
 typedef struct { double score; int64_t depth, index; } NodeKey;
@@ -1262,6 +1263,7 @@ int eagle_propose(const Model* mdl, EagleStep* e) {
     if (k < 1 || k > 64 || k > V || budget < 1 || depth < 1) return -2;
     const int64_t max_nodes = k + (depth - 1) * k * k;
     const int32_t table = 0;
+    e->forwards = 0;
     int64_t* tok = malloc(sizeof(int64_t) * 4 * max_nodes);  /* per node: token, parent, depth, cache slot */
     double* score = malloc(sizeof(double) * max_nodes);
     NodeKey* keys = malloc(sizeof(NodeKey) * max_nodes);
@@ -1315,6 +1317,7 @@ int eagle_propose(const Model* mdl, EagleStep* e) {
         b.hidden_out = hid + 2 * k * H;
         b.logits = e->last_logits;
         rc = fused_forward(mdl, &b);
+        e->forwards++;
         free(pos);
         if (rc) goto free_seq;
         memcpy(e->last_hidden, hid + (2 * k + n - 1) * H, sizeof(bf16) * H);
@@ -1365,6 +1368,7 @@ int eagle_propose(const Model* mdl, EagleStep* e) {
         b.hidden_out = out;
         b.logits = logits;
         if ((rc = fused_forward(mdl, &b))) goto free_seq;
+        e->forwards++;
         m += nf;
         fused_topk(logits, nf, V, k, vals, idx, mdl->threads);
         /* the children, in (frontier, rank) order; the next frontier: the k best of them */

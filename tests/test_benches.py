@@ -50,5 +50,6 @@ def test_draft_stop_bench_shape():
     exact, stopped = res["by_min_prob"]["0.0"], res["by_min_prob"]["0.6"]
     # A higher threshold never drafts deeper: at most as many drafter forwards per step.
     assert stopped["drafter_forwards_per_step"] <= exact["drafter_forwards_per_step"]
+    assert stopped["drafter_forwards_per_step"] >= 1  # a step's catch-up is a forward
     assert all(1.0 <= m["tau"] <= res["tree_budget"] + 1 for m in (exact, stopped))
     assert res["best"] in res["by_min_prob"]

@@ -233,10 +233,11 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts,
 def eagle2_reference(fm, embed, vocab_ids, kv, length, pending, feats, budget, k, depth, min_prob):
     """The EAGLE-2 draft step in plain Python over FusedModel.run, one call per depth, input
     rows built with torch.cat: the oracle of the C step. Returns (tokens, parents, length,
-    last hidden row)."""
-    table = torch.zeros(1, 1, dtype=torch.int32)
+    last hidden row, forwards run)."""
+    table, calls = torch.zeros(1, 1, dtype=torch.int32), []
 
     def forward(ids, feat_rows, positions, slots, ctx, visible=None):
+        calls.append(len(ids))
         inputs = torch.cat([embed[ids], feat_rows], dim=-1)
         n = len(ids)
         rows = [n - 1] if visible is None else list(range(n))
@@ -283,7 +284,7 @@ def eagle2_reference(fm, embed, vocab_ids, kv, length, pending, feats, budget, k
             kept.append(i)
     kept.sort(key=lambda i: (nodes[i]["depth"], i))
     parents = [-1 if nodes[i]["parent"] < 0 else kept.index(nodes[i]["parent"]) for i in kept]
-    return [nodes[i]["token"] for i in kept], parents, length, last
+    return [nodes[i]["token"] for i in kept], parents, length, last, len(calls)
 
 
 @pytest.mark.parametrize("budget,min_prob", [(8, 0.35), (8, 0.0), (24, 0.0)])
@@ -315,8 +316,10 @@ def test_eagle_draft_step_in_c_equals_the_search_in_python(default_dir, chat_pro
         pending, feats = list(st.tokens), torch.cat(st.feats).to(torch.bfloat16)
         want = eagle2_reference(fm, drafter.embed_weight, drafter.head.ids, ref_kv, ref_len, pending, feats,
                                 budget, k, cfg.draft_depth, min_prob)
+        before = drafter.forwards
         tree = drafter.propose(["a"], [budget])[0]
         assert (tree.tokens, tree.parents) == (want[0], want[1])
+        assert drafter.forwards - before == want[4]
         ref_len = want[2]
         assert st.length == ref_len and torch.equal(st.last, want[3])
         assert torch.equal(st.kv[:, :, :, :ref_len], ref_kv[:, :, :, :ref_len])

@@ -174,6 +174,7 @@ class EagleDrafter(Drafter):
         self.top_k, self.depth = top_k, depth
         self.min_expand_prob = min_expand_prob
         self.states: dict[str, _State] = {}
+        self.forwards = 0  # drafter forwards run so far (catch-ups and draft depths): bench/draft_stop.py
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -207,6 +208,7 @@ class EagleDrafter(Drafter):
         pos = torch.arange(st.length, st.length + n).unsqueeze(0)
         mask = torch.ones(n, st.length + n, dtype=torch.bool).tril(st.length).unsqueeze(0)
         out, st.k, st.v = self.model(emb, feats, pos, mask, st.k, st.v)
+        self.forwards += 1
         st.length += n
         st.last = out[0, -1]
         st.feats, st.tokens = [], []
@@ -251,6 +253,7 @@ class EagleDrafter(Drafter):
             emb = self._embed([tokens[i] for i in frontier]).unsqueeze(0)
             pos = torch.full((1, n_f), st.length + d - 1)
             out, fk, fv = self.model(emb, front_feat.unsqueeze(0), pos, mask.unsqueeze(0), fk, fv)
+            self.forwards += 1
             for j, node in enumerate(frontier):
                 fwd_index[node] = m + j
             m += n_f
@@ -327,8 +330,9 @@ class EagleDrafter(Drafter):
         chunks = [f if f.dtype == torch.bfloat16 and f.is_contiguous() else f.to(torch.bfloat16).contiguous()
                   for f in st.feats]  # the target's hidden rows: bf16 already on the fused path
         feats = [a for f in chunks for a in self._rows(f)]
-        tokens, parents = self.fused.eagle_step(st.kv, st.length, st.tokens, feats, st.last, st.last_logits,
-                                                self.head.ids, budget, k, self.depth, self.min_expand_prob)
+        tokens, parents, forwards = self.fused.eagle_step(st.kv, st.length, st.tokens, feats, st.last, st.last_logits,
+                                                          self.head.ids, budget, k, self.depth, self.min_expand_prob)
+        self.forwards += forwards
         st.length += n
         st.feats, st.tokens = [], []
         return DraftTree(tokens, parents)
