@@ -414,7 +414,8 @@ class FusedModel(_Packed):
         if rc == -1:
             raise MemoryError("the EAGLE draft step could not allocate its scratch memory")
         if rc != 0:
-            raise ValueError(f"bad EAGLE draft step sizes: budget {budget}, top_k {top_k}, depth {depth}")
+            raise ValueError(f"bad EAGLE draft step sizes: budget {budget}, top_k {top_k} (1..64), depth {depth}, "
+                             f"a cache of {kv.shape[3]} slots for {length + len(ids)} pairs and the draft rows")
         n = step.n_out
         return tokens[:n], parents[:n], step.forwards
 

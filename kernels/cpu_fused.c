@@ -1245,11 +1245,10 @@ static int cum_order(const void* a, const void* b) {  /* score desc, then index 
 
 /* Whether expanding the frontier one more depth cannot pay (EagleDrafter._stop). */
 static int eagle_stop(const double* score, int64_t n, const int64_t* frontier, int64_t nf, int64_t budget,
-                      double min_prob, double* sorted) {
+                      double min_prob, NodeKey* keys /* scratch [n] */) {
     double best = -INFINITY;
     for (int64_t j = 0; j < nf; j++) best = score[frontier[j]] > best ? score[frontier[j]] : best;
     if (n >= budget) {
-        NodeKey* keys = (NodeKey*)sorted;  /* scratch of n NodeKeys */
         for (int64_t i = 0; i < n; i++) keys[i] = (NodeKey){score[i], 0, i};
         qsort(keys, n, sizeof(NodeKey), cum_order);
         if (keys[budget - 1].score >= best) return 1;
@@ -1257,10 +1256,12 @@ static int eagle_stop(const double* score, int64_t n, const int64_t* frontier, i
     return exp(best) < min_prob;
 }
 
-/* Returns 0, -1 when memory could not be allocated, -2 on bad sizes. */
+/* Returns 0, -1 when memory could not be allocated, -2 on bad sizes (top_k not in 1..64,
+ * or a cache without room for the pending pairs and every depth's rows). */
 int eagle_propose(const Model* mdl, EagleStep* e) {
     const int64_t H = mdl->hidden, V = mdl->vocab, k = e->top_k, budget = e->budget, depth = e->depth;
-    if (k < 1 || k > 64 || k > V || budget < 1 || depth < 1) return -2;
+    if (k < 1 || k > 64 || k > V || budget < 1 || depth < 1 || e->n_new < 0) return -2;
+    if (e->length + e->n_new + (depth - 1) * k > e->capacity) return -2;
     const int64_t max_nodes = k + (depth - 1) * k * k;
     const int32_t table = 0;
     e->forwards = 0;
@@ -1338,7 +1339,7 @@ int eagle_propose(const Model* mdl, EagleStep* e) {
         feats[j] = (uint64_t)(uintptr_t)e->last_hidden;
     }
     for (int64_t d = 1; d < depth; d++) {
-        if (eagle_stop(score, n, frontier, nf, budget, e->min_prob, (double*)keys)) break;
+        if (eagle_stop(score, n, frontier, nf, budget, e->min_prob, keys)) break;
         int64_t* pos = rows, * slots = rows + k, * ids = rows + 2 * k, * lrows = rows + 3 * k;
         int32_t at = 0;
         for (int64_t j = 0; j < nf; j++) {  /* each row sees its forwarded ancestors, then itself */

@@ -327,6 +327,9 @@ def test_eagle_draft_step_in_c_equals_the_search_in_python(default_dir, chat_pro
     assert sizes == [budget] * 8
     with pytest.raises(ValueError, match="top_k 65"):
         fm.eagle_step(st.kv, st.length, [], [], st.last, st.last_logits, None, budget, 65, 8, 0.0)
+    tiny = torch.zeros(2, 1, 1, 8, fm.model.kv_heads, fm.model.head_dim, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a cache of 8 slots"):  # no room for the draft rows
+        fm.eagle_step(tiny, 0, [], [], st.last, st.last_logits, None, budget, k, 8, 0.0)
 
 
 def test_eagle_input_rows_gathered_by_the_kernel_equal_torch_cat(default_dir):
