@@ -167,14 +167,18 @@ class EngineConfig:
 
 
 def auto_dtype(device: str = "cpu") -> str:
-    """The serving dtype a device runs best: bfloat16 on GPUs and on CPUs with native bf16
-    matmuls (AVX512-BF16 or AMX: oneDNN streams half the bytes of fp32 there), else float32."""
+    """The serving dtype a device runs best: bfloat16 on GPUs, on CPUs with native bf16
+    matmuls (AVX512-BF16 or AMX: oneDNN streams half the bytes of fp32 there) and where the
+    fused CPU kernel runs (its AVX2 build reads bf16 weights and multiplies in fp32: 2.7x
+    the fp32 torch path's decode speed on an AMD Zen 3), else float32."""
     import torch
 
     if device.startswith("cuda"):
         return "bfloat16"
+    from engine.fused import fused_kernel_available
+
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return "bfloat16" if bf16 else "float32"
+    return "bfloat16" if bf16 or fused_kernel_available() else "float32"
 
 
 def auto_draft_vocab_size(device: str = "cpu") -> int | None:
@@ -201,10 +205,13 @@ def auto_tree_budget(device: str = "cpu") -> int:
     verifying them costs about one step). On a CPU it is what verifying extra rows costs:
     with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.15x a one-token
     step and 8-node trees gave both drafters their best speedup; with AVX512-BF16 dot
-    products alone 9 tokens cost ~1.5x and 5 nodes was best (bench/speculative.py,
-    docs/benchmarks.md)."""
+    products alone 9 tokens cost ~1.5x and 5 nodes was best; with the AVX2 build (fp32
+    multiply-adds, kernels/cpu_fused_avx2.h) 3 nodes was best for both drafters on an AMD
+    Zen 3, ahead of 5 and 8 (bench/speculative.py, docs/benchmarks.md)."""
     if device.startswith("cuda"):
         return 60
-    from kernels.cpu_fused import has_amx
+    from kernels import cpu_fused
 
-    return 8 if has_amx() else 5
+    if cpu_fused.isa() == "avx512":
+        return 8 if cpu_fused.has_amx() else 5
+    return 3

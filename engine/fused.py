@@ -28,6 +28,8 @@ from kernels import cpu_fused
 # Rows per forward up to which the fused path beats oneDNN's packed GEMMs: with AVX512-BF16
 # dot products it turns compute-bound past ~32 rows; on AMX tiles (which stream the weights
 # once per 32 rows) it measured 1.3-2x faster than the torch path from 36 to 256 rows here.
+# The AVX2 build takes up to 256 rows too: torch has no fast bf16 GEMM on such CPUs (a
+# 128-token bf16 chunk took 1.44 s on the torch path of an AMD Zen 3, 0.26 s in fp32).
 MAX_ROWS = 32
 MAX_ROWS_AMX = 256
 
@@ -73,9 +75,14 @@ def fused_disabled_reason(weight: torch.Tensor, world_size: int = 1, attention: 
         return "needs a bf16 CPU model"
     if world_size != 1:
         return "needs tensor-parallel world size 1"
-    if attention is not None and (attention[0] % 16 or attention[1] % attention[2]):
-        return "needs head_dim % 16 == 0 and whole GQA groups"
+    if attention is not None and (attention[0] % 16 or attention[0] > 256 or attention[1] % attention[2]):
+        return "needs head_dim % 16 == 0, head_dim <= 256 and whole GQA groups"
     return cpu_fused.unsupported_reason()
+
+
+def fused_kernel_available() -> bool:
+    """Whether bf16 CPU models can run the fused kernel here (not disabled, a build fits)."""
+    return os.environ.get("TREESPEC_CPU_KERNEL", "auto") != "torch" and cpu_fused.unsupported_reason() is None
 
 
 _helpers: list = []  # [kernel library or None], decided once
@@ -84,8 +91,7 @@ _helpers: list = []  # [kernel library or None], decided once
 def _helper_lib():
     """The kernel library for the small row helpers below, or None (torch then)."""
     if not _helpers:
-        ok = os.environ.get("TREESPEC_CPU_KERNEL", "auto") != "torch" and cpu_fused.unsupported_reason() is None
-        _helpers.append(cpu_fused.load(build_dir()) if ok else None)
+        _helpers.append(cpu_fused.load(build_dir()) if fused_kernel_available() else None)
     return _helpers[0]
 
 
@@ -177,18 +183,34 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.round().clamp(-127, 127).to(torch.int8), scale
 
 
-PACK_ROWS, PACK_TILES, PACK_TILES_INT8 = 0, 1, 2  # Share.amx in kernels/cpu_fused.c
+PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS = 0, 1, 2, 3  # Share.amx in kernels/cpu_fused.c
+
+# Row order inside a 16-row panel (kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
+# 2i + 1 row 8 + i, so one load's low halves of each dword are rows 0-7, high halves 8-15.
+_PANEL_ORDER = [r for i in range(8) for r in (i, 8 + i)]
+
+
+def _panel_pack(w: torch.Tensor) -> torch.Tensor:
+    """bf16 [n, K] -> flat, in gemv_panels' layout: 16-row panels (the last zero-padded),
+    each [K][16] with its rows in _PANEL_ORDER."""
+    n, k = w.shape
+    pad = -n % 16
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, k)])
+    return w.reshape(-1, 16, k)[:, _PANEL_ORDER].transpose(1, 2).reshape(-1)
 
 
 def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
-                int8: list[bool] | None = None) -> tuple[list, list, torch.Tensor]:
+                int8: list[bool] | None = None, panels: bool = False) -> tuple[list, list, torch.Tensor]:
     """Copy matrices [(weight [N, K], pair)] into one arena per thread, in order: thread t
     gets rows on multiples of 4 (the GEMV tile); with pair, the two halves' rows of the same
     columns (gate and up). amx: matrices that fit AMX tiles are split on multiples of 32
     and tile-packed for gemv_amx (the choice is per matrix, never per call, so a row's
     result never depends on the rows beside it); int8[m] (with amx): matrix m, if it fits int8
     tiles, is quantized per row and packed for gemv_amx_i8, their fp32 row scales after
-    the share's weights (a drafter's option: kernels/cpu_fused.c). Returns (arena tensors,
+    the share's weights (a drafter's option: kernels/cpu_fused.c); panels (the AVX2 build,
+    kernels/cpu_fused_avx2.h): every matrix split on multiples of 16 rows and packed as
+    16-row panels, each segment padded to whole panels. Returns (arena tensors,
     their addresses to free, shares [M * T, 6]: per matrix and thread, the arena address,
     up to two (first output row, rows), and the packing, PACK_*)."""
 
@@ -200,16 +222,18 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
         n, k = w.shape
         half = n // 2 if pair else n
         kind = PACK_ROWS
-        if amx and int8 and int8[m] and fits_tiles(w, pair, int8=True):
+        if panels:
+            kind = PACK_PANELS
+        elif amx and int8 and int8[m] and fits_tiles(w, pair, int8=True):
             kind = PACK_TILES_INT8
         elif amx and fits_tiles(w, pair):
             kind = PACK_TILES
-        b = split(half, 4 if kind == PACK_ROWS else 32)
+        b = split(half, {PACK_ROWS: 4, PACK_PANELS: 16}.get(kind, 32))
         per = []
         for t in range(threads):
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
-            rows = sum(h - l for l, h in segs)
+            rows = sum((h - l + 15) // 16 * 16 if kind == PACK_PANELS else h - l for l, h in segs)
             sizes[t] += rows * (k + 4) if kind == PACK_TILES_INT8 else rows * k * 2
         plan.append((kind, per))
     arenas, raw = [], []
@@ -240,7 +264,7 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
                         scales.append(sc)
                     else:
                         seg = w[lo:hi].to(torch.bfloat16)
-                        put(t, _tile_pack(seg) if kind == PACK_TILES else seg)
+                        put(t, {PACK_TILES: _tile_pack, PACK_PANELS: _panel_pack}.get(kind, lambda x: x)(seg))
                     row += [lo, hi - lo]
                 for sc in scales:  # after the share's weights, where gemv_share looks
                     put(t, sc)
@@ -255,9 +279,12 @@ class _Packed:
     def _pack(self, threads: int, mats: list, int8: list[bool] | None = None) -> None:
         self.lib = cpu_fused.load(build_dir())
         self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats, cpu_fused.use_amx(self.lib),
-                                                          int8 if cpu_fused.use_amx_int8(self.lib) else None)
-        self.amx = bool(self.shares[:, 5].any())  # some matrix runs on AMX tiles
-        self.int8 = bool((self.shares[:, 5] == PACK_TILES_INT8).any())
+                                                          int8 if cpu_fused.use_amx_int8(self.lib) else None,
+                                                          panels=cpu_fused.isa() == "avx2")
+        kinds = self.shares[:, 5]
+        self.amx = bool(((kinds == PACK_TILES) | (kinds == PACK_TILES_INT8)).any())  # some matrix runs on AMX tiles
+        self.int8 = bool((kinds == PACK_TILES_INT8).any())
+        self.panels = bool((kinds == PACK_PANELS).any())  # the AVX2 build
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):
@@ -290,7 +317,7 @@ class FusedModel(_Packed):
             mats.append((fc, False))
             flags.append(False)
         self._pack(threads, mats, flags)
-        self.max_rows = max_rows or (MAX_ROWS_AMX if self.amx else MAX_ROWS)
+        self.max_rows = max_rows or (MAX_ROWS_AMX if self.amx or self.panels else MAX_ROWS)
         self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
         self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
         self.norm_ptrs = torch.tensor([_t(t) for t in self.keep], dtype=torch.int64)

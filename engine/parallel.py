@@ -63,8 +63,8 @@ def pack_cpu_weights(model: nn.Module) -> int:
     they are one of ``PACKABLE`` or set ``packable = True`` and call ``linear()``.
     Returns the number of layers packed.
     """
-    if not torch.backends.mkldnn.is_available():
-        return 0
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0  # oneDNN packs bf16 only on CPUs with AVX512-BF16/AMX or AVX-NE-CONVERT
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)

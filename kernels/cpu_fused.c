@@ -33,6 +33,16 @@
 
 typedef uint16_t bf16;
 
+/* Two builds of this file (kernels/cpu_fused.py picks one by the CPU's flags): AVX512-BF16
+ * dot products, with AMX tiles where the CPU has them (this file), or AVX2 + FMA for x86-64
+ * CPUs without AVX-512 (cpu_fused_avx2.h: the same pieces, fp32 multiply-adds on widened
+ * bf16). What differs is below between #if FUSED_AVX512 and #endif; the rest is shared. */
+#if defined(__AVX512BF16__)
+#define FUSED_AVX512 1
+#else
+#define FUSED_AVX512 0
+#endif
+
 /* Software prefetch, into L2, this far ahead of the weight rows being read: the hardware
  * prefetcher alone leaves one core's stream at ~11 GB/s; 32 KiB ahead reaches ~29 GB/s on
  * two cores, and with DRAM reads in flight during the dot products, 8 rows cost about what
@@ -54,6 +64,33 @@ static inline float bf16_to_f32(bf16 v) {
     memcpy(&f, &u, 4);
     return f;
 }
+
+/* One thread's share of a matrix: up to two row segments of its arena, written to
+ * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: how
+ * the arena holds these rows, PACK_* below (row-major for gemv, bf16 tiles for gemv_amx,
+ * int8 tiles and row scales for gemv_amx_i8; in the AVX2 build, 16-row panels for
+ * gemv_panels, each segment padded to whole panels). */
+typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
+
+enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2, PACK_PANELS = 3 };  /* Share.amx */
+
+/* Inserts row[i + l], for each set bit l of lanes, into top/at (the k best so far, sorted,
+ * best first, ties: the lower index) where it beats the k-th: rare after a row's first
+ * few chunks, so the vector scans of both builds call this only on a hit. */
+static void topk_insert(const float* row, int64_t i, unsigned lanes, int64_t k, float* top, int64_t* at) {
+    while (lanes) {
+        const int l = __builtin_ctz(lanes);
+        lanes &= lanes - 1;
+        const float val = row[i + l];
+        if (!(val > top[k - 1])) continue;
+        int j = (int)k - 1;
+        while (j > 0 && top[j - 1] < val) { top[j] = top[j - 1]; at[j] = at[j - 1]; j--; }
+        top[j] = val;
+        at[j] = i + l;
+    }
+}
+
+#if FUSED_AVX512
 
 /* 16 fp32 -> 16 bf16, rounded to nearest even like torch (NaN stays NaN). */
 static inline __m256i cvt16_bf16(__m512 f) {
@@ -335,19 +372,6 @@ static void gemv_amx_i8(const int8_t* W, const float* sw, int nrows, int K, cons
     }
 }
 
-/* Asks Linux for the AMX tile state (once per process); 0 when granted. */
-int fused_amx_enable(void) {
-    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
-}
-
-/* One thread's share of a matrix: up to two row segments of its arena, written to
- * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: how
- * the arena holds these rows, PACK_* below (row-major for gemv, bf16 tiles for gemv_amx,
- * int8 tiles and row scales for gemv_amx_i8). */
-typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
-
-enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2 };  /* Share.amx */
-
 /* Where this thread quantizes an int8 share's GEMV input: scales [M] then int8 [M, K],
  * set by each forward for its call from its scratch (xq_bytes per thread). Each thread
  * quantizes the whole input for its own share: a few rows, cheaper than a barrier. */
@@ -376,23 +400,6 @@ static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, flo
     if (s->n1) f(W + (size_t)s->n0 * K, (int)s->n1, K, X, ldx, M, Y + s->out1, ldy);
 }
 
-/* One packed matrix's GEMV, all of its thread shares (tests and benchmarks of the packings):
- * Y[m * ldy + r] = W[r] . X[m], X bf16 [M, K]. Returns 0, or -1 without scratch memory. */
-int fused_gemv(const Share* shares, int64_t threads, int64_t K, const bf16* X, int64_t M, float* Y, int64_t ldy) {
-    const size_t xq_per = xq_bytes((int)M, (int)K);
-    uint8_t* xq = malloc(xq_per * threads);
-    if (!xq) return -1;
-#pragma omp parallel num_threads((int)threads)
-    {
-        const int t = omp_get_thread_num();
-        xq_use(xq + xq_per * t, (int)M);
-        gemv_share(&shares[t], (int)K, X, (int)K, (int)M, Y, (int)ldy);
-        amx_release();
-    }
-    free(xq);
-    return 0;
-}
-
 /* ---- pieces of a layer ------------------------------------------------------------ */
 
 static void rms_norm_row(const float* x, const bf16* w, int n, float eps, bf16* out) {
@@ -415,14 +422,6 @@ static inline __m512 silu16(__m512 g) {
     return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
-/* Rotate-half RoPE of one head vector in place, with this row's cos/sin [D/2]. */
-static void rope_head(float* v, const float* cs, const float* sn, int half) {
-    for (int i = 0; i < half; i++) {
-        float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
-    }
-}
 
 /* sc[j * ld + i] = scale * (q_j . K_i): G bf16 queries [G, D] against the n keys at cache
  * slots ks (row `stride` elements apart from kbase), four keys per tile. */
@@ -719,6 +718,101 @@ static void first_max(const float* x, int64_t n, int64_t base, float* m, int64_t
         if (x[i] > *m || (x[i] == *m && base + i < *at)) { *m = x[i]; *at = base + i; }
 }
 
+/* out[c] = bf16(silu(g[c]) * up[c]), c < n: SwiGLU. */
+static void swiglu(const float* g, const float* up, int n, bf16* out) {
+    for (int c = 0; c < n; c += 16) {
+        const __mmask16 m = tail16(n - c);
+        __m512 a = _mm512_mul_ps(silu16(_mm512_maskz_loadu_ps(m, g + c)), _mm512_maskz_loadu_ps(m, up + c));
+        _mm256_mask_storeu_epi16(out + c, m, cvt16_bf16(a));
+    }
+}
+
+/* A Medusa block's residual: f += silu(y + bias); out = bf16(f). n elements. */
+static void silu_residual(float* f, const float* y, const bf16* bias, int n, bf16* out) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tail16(n - i);
+        __m512 z = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), load16_bf16(m, bias + i));
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, f + i), silu16(z));
+        _mm512_mask_storeu_ps(f + i, m, v);
+        _mm256_mask_storeu_epi16(out + i, m, cvt16_bf16(v));
+    }
+}
+
+static void values_finish(float* out, int rows, int D) { (void)out; (void)rows; (void)D; }  /* dims in order */
+
+/* The k largest of row[0..n) into top/at (kept sorted, best first, ties: lower index),
+ * which hold k entries of -inf on entry; returns the row's maximum. */
+static float topk_scan(const float* row, int64_t n, int64_t k, float* top, int64_t* at) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail16((int)(n - i < 16 ? n - i : 16));
+        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + i);
+        vmax = _mm512_max_ps(vmax, v);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
+        if (gt) topk_insert(row, i, gt, k, top, at);
+    }
+    return _mm512_reduce_max_ps(vmax);
+}
+
+static float sum_exp(const float* row, int64_t n, float mx) {  /* sum_i e^(row[i] - mx) */
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail16((int)(n - i < 16 ? n - i : 16));
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i),
+                                                                             _mm512_set1_ps(mx)))));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* Sum of x[lo, hi), read as the GEMVs read (a bandwidth probe, fused_stream_sum). */
+static double stream_sum_part(const float* x, int64_t lo, int64_t hi) {
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t i = lo;
+    for (; i + 64 <= hi; i += 64)
+        for (int c = 0; c < 4; c++) {
+            _mm_prefetch((const char*)(x + i + PF_ELEMS / 2 + 16 * c), _MM_HINT_T1);
+            a[c] = _mm512_add_ps(a[c], _mm512_loadu_ps(x + i + 16 * c));
+        }
+    double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    for (; i < hi; i++) s += x[i];
+    return s;
+}
+
+#else
+#include "cpu_fused_avx2.h"
+#endif
+
+/* Asks Linux for the AMX tile state (once per process); 0 when granted. */
+int fused_amx_enable(void) {
+    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+/* One packed matrix's GEMV, all of its thread shares (tests and benchmarks of the packings):
+ * Y[m * ldy + r] = W[r] . X[m], X bf16 [M, K]. Returns 0, or -1 without scratch memory. */
+int fused_gemv(const Share* shares, int64_t threads, int64_t K, const bf16* X, int64_t M, float* Y, int64_t ldy) {
+    const size_t xq_per = xq_bytes((int)M, (int)K);
+    uint8_t* xq = malloc(xq_per * threads);
+    if (!xq) return -1;
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int t = omp_get_thread_num();
+        xq_use(xq + xq_per * t, (int)M);
+        gemv_share(&shares[t], (int)K, X, (int)K, (int)M, Y, (int)ldy);
+        amx_release();
+    }
+    free(xq);
+    return 0;
+}
+
+/* Rotate-half RoPE of one head vector in place, with this row's cos/sin [D/2]. */
+static void rope_head(float* v, const float* cs, const float* sn, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
 /* ---- the forward -------------------------------------------------------------------- */
 
 /* A packed model: a Llama decoder (token embeddings in, final norm, LM head), or an
@@ -783,8 +877,10 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     bf16* kv = bt_->kv, * hidden_out = bt_->hidden_out;
     float* logits = bt_->logits;
     const int QKV = (NH + 2 * NKV) * D, half = D / 2, group = NH / NKV;
-    void (*qk)(const bf16*, int, const bf16*, const int64_t*, int64_t, int, int, float, float*, int) =
-        mdl->amx_attention ? qk_scores_amx : qk_scores;
+    void (*qk)(const bf16*, int, const bf16*, const int64_t*, int64_t, int, int, float, float*, int) = qk_scores;
+#if FUSED_AVX512
+    if (mdl->amx_attention) qk = qk_scores_amx;
+#endif
     const int XB = H > NH * D ? H : NH * D;
 
     /* Key lists, the same for every layer: each sequence's prefix slots (shared by all its
@@ -994,13 +1090,17 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                         softmax(row, ctx + own_n[r]);
                     }
                 }
+#if FUSED_AVX512
                 if (mdl->amx_attention) {
                     values_amx(sc, ld, nr, group, D, vb, NKV * D, ps, ctx, own_slots, own_at, own_n, r0, ob);
-                } else {
+                } else
+#endif
+                {
                     weighted_values(sc, ld, Q, vb, ps, NKV * D, ctx, D, ob, 0);
                     for (int i = 0; i < nr; i++)
                         weighted_values(sc + (size_t)i * group * ld + ctx, ld, group, vb, own_slots + own_at[r0 + i],
                                         NKV * D, own_n[r0 + i], D, ob + (size_t)i * group * D, 1);
+                    values_finish(ob, Q, D);
                 }
                 for (int i = 0; i < nr; i++)
                     to_bf16(ob + (size_t)i * group * D, xb + (size_t)(r0 + i) * NH * D + kvh * group * D, group * D);
@@ -1016,14 +1116,9 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
                  * needs nothing from the other threads */
                 const Share* s = &sh[2 * T + t];
                 gemv_share(s, H, xb, H, M, y, 2 * I);
-                const int n = (int)s->n0;
                 for (int r = 0; r < M; r++) {
-                    const float* g = y + (size_t)r * 2 * I + s->out0, * up = g + I;
-                    for (int c = 0; c < n; c += 16) {
-                        const __mmask16 m = tail16(n - c);
-                        __m512 a = _mm512_mul_ps(silu16(_mm512_maskz_loadu_ps(m, g + c)), _mm512_maskz_loadu_ps(m, up + c));
-                        _mm256_mask_storeu_epi16(act + (size_t)r * I + s->out0 + c, m, cvt16_bf16(a));
-                    }
+                    const float* g = y + (size_t)r * 2 * I + s->out0;
+                    swiglu(g, g + I, (int)s->n0, act + (size_t)r * I + s->out0);
                 }
             }
 #pragma omp barrier
@@ -1112,16 +1207,8 @@ int medusa_forward(const Medusa* md, int64_t B, const bf16* x, bf16* feats, floa
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {  /* request r / K, head r % K */
-                const bf16* bias = md->bias + ((size_t)l * K + r % K) * H;
-                float* fr = f + (size_t)r * H;
-                for (int i = 0; i < H; i += 16) {
-                    const __mmask16 m = tail16(H - i);
-                    __m512 bv = load16_bf16(m, bias + i);
-                    __m512 z = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + (size_t)r * H + i), bv);
-                    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, fr + i), silu16(z));
-                    _mm512_mask_storeu_ps(fr + i, m, v);
-                    _mm256_mask_storeu_epi16(feats + (size_t)r * H + i, m, cvt16_bf16(v));
-                }
+                silu_residual(f + (size_t)r * H, y + (size_t)r * H, md->bias + ((size_t)l * K + r % K) * H, H,
+                              feats + (size_t)r * H);
             }
         }
         gemv_share(&md->shares[(size_t)(1 + (NL - 1) * K) * T + t], H, feats, H, (int)rows, logits, V);
@@ -1156,31 +1243,8 @@ void fused_topk(const float* x, int64_t rows, int64_t n, int64_t k, float* vals,
         float top[64];
         int64_t at[64];
         for (int j = 0; j < k; j++) { top[j] = -INFINITY; at[j] = 0; }
-        __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 m = tail16((int)(n - i < 16 ? n - i : 16));
-            const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + i);
-            vmax = _mm512_max_ps(vmax, v);
-            __mmask16 gt = _mm512_cmp_ps_mask(v, _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
-            while (gt) {  /* rare after the first few chunks: insert each lane that beats the k-th */
-                const int l = __builtin_ctz(gt);
-                gt &= gt - 1;
-                const float val = row[i + l];
-                if (!(val > top[k - 1])) continue;
-                int j = (int)k - 1;
-                while (j > 0 && top[j - 1] < val) { top[j] = top[j - 1]; at[j] = at[j - 1]; j--; }
-                top[j] = val;
-                at[j] = i + l;
-            }
-        }
-        const float mx = _mm512_reduce_max_ps(vmax);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 m = tail16((int)(n - i < 16 ? n - i : 16));
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i),
-                                                                                 _mm512_set1_ps(mx)))));
-        }
-        const float lse = mx + logf(_mm512_reduce_add_ps(sum));
+        const float mx = topk_scan(row, n, k, top, at);
+        const float lse = mx + logf(sum_exp(row, n, mx));
         for (int j = 0; j < k; j++) {
             vals[r * k + j] = top[j] - lse;
             idx[r * k + j] = at[j];
@@ -1445,17 +1509,7 @@ double fused_stream_sum(const float* x, int64_t n, int64_t threads) {
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t lo = n * t / T / 64 * 64, hi = t == T - 1 ? n : n * (t + 1) / T / 64 * 64;
-        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        int64_t i = lo;
-        for (; i + 64 <= hi; i += 64) {
-            for (int c = 0; c < 4; c++) {
-                _mm_prefetch((const char*)(x + i + PF_ELEMS / 2 + 16 * c), _MM_HINT_T1);
-                a[c] = _mm512_add_ps(a[c], _mm512_loadu_ps(x + i + 16 * c));
-            }
-        }
-        double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-        for (; i < hi; i++) s += x[i];
-        total += s;
+        total += stream_sum_part(x, lo, hi);
     }
     return total;
 }

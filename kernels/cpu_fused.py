@@ -3,9 +3,11 @@
 The C file is compiled once per source/flags hash with the system C compiler into a
 cache directory and loaded with ctypes: no torch headers, so a build takes about a
 second. It links the ``libgomp.so.1`` that torch has already loaded (same soname), so
-both share one OpenMP thread pool. ``unsupported_reason()`` says why the kernel cannot
-run here (not x86-64 Linux, no AVX512-BF16, no compiler); callers then keep the torch
-path. The engine-side wrapper that packs a model's weights is engine/fused.py.
+both share one OpenMP thread pool. There are two builds (``isa()``): AVX512-BF16, with
+AMX tiles where the CPU has them, and AVX2 + FMA (kernels/cpu_fused_avx2.h) for x86-64
+CPUs without AVX-512. ``unsupported_reason()`` says why neither can run here (not x86-64
+Linux, no AVX2/FMA, no compiler); callers then keep the torch path. The engine-side
+wrapper that packs a model's weights is engine/fused.py.
 """
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ import subprocess
 import tempfile
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_fused.c")
-FLAGS = os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
-                                                               "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fopenmp", "-shared", "-fPIC"]
+HEADERS = [os.path.join(os.path.dirname(SOURCE), "cpu_fused_avx2.h")]
+_COMMON = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+FLAGS_BY_ISA = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16",
+               "-mamx-int8"],
+    "avx2": ["-mavx2", "-mfma"],
+}
 
 _lib: ctypes.CDLL | None = None
 _amx: bool | None = None
@@ -42,12 +49,33 @@ def has_amx() -> bool:
     return {"amx_bf16", "amx_tile"} <= cpu_flags()
 
 
+def isa() -> str | None:
+    """Which build of the kernel this CPU runs: "avx512" (AVX512-BF16 dot products, AMX
+    tiles where present), "avx2" (AVX2 + FMA), or None. ``TREESPEC_CPU_ISA=avx2`` picks the
+    AVX2 build on an AVX-512 CPU too (to test or measure it there)."""
+    have = cpu_flags()
+    has = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"} <= have,
+           "avx2": {"avx2", "fma"} <= have}
+    forced = os.environ.get("TREESPEC_CPU_ISA", "auto")
+    if forced != "auto":
+        return forced if has.get(forced) else None
+    return next((name for name in ("avx512", "avx2") if has[name]), None)
+
+
+def flags() -> list[str]:
+    """The compiler flags of this CPU's build (``isa()``)."""
+    return os.environ.get("TREESPEC_CFLAGS_EXTRA", "").split() + _COMMON + FLAGS_BY_ISA[isa()]
+
+
 def unsupported_reason() -> str | None:
     """None when the kernel can run on this machine, else a one-line reason."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    if "avx512_bf16" not in cpu_flags():
-        return "the CPU has no AVX512-BF16"
+    forced = os.environ.get("TREESPEC_CPU_ISA", "auto")
+    if forced not in ("auto", *FLAGS_BY_ISA):
+        return f"TREESPEC_CPU_ISA must be auto, avx512 or avx2, got {forced!r}"
+    if isa() is None:
+        return f"the CPU lacks {forced}" if forced != "auto" else "the CPU has neither AVX512-BF16 nor AVX2 + FMA"
     if compiler() is None:
         return "no C compiler (cc/gcc) on PATH"
     return None
@@ -61,14 +89,17 @@ def load(build_dir: str) -> ctypes.CDLL:
     reason = unsupported_reason()
     if reason:
         raise RuntimeError(f"fused CPU kernel unavailable: {reason}")
-    with open(SOURCE, "rb") as f:
-        tag = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join(flags()).encode())
+    for name in [SOURCE, *HEADERS]:
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    tag = digest.hexdigest()[:16]
     path = os.path.join(build_dir, f"cpu_fused-{tag}.so")
     if not os.path.exists(path):
         os.makedirs(build_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so")
         os.close(fd)
-        res = subprocess.run([compiler(), *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([compiler(), *flags(), SOURCE, "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"compiling {SOURCE} failed: {res.stderr.strip()[-2000:]}")
@@ -106,7 +137,7 @@ def use_amx(lib: ctypes.CDLL) -> bool:
     if os.environ.get("TREESPEC_CPU_AMX", "1") == "0":
         return False
     if _amx is None:
-        _amx = has_amx() and lib.fused_amx_enable() == 0
+        _amx = isa() == "avx512" and has_amx() and lib.fused_amx_enable() == 0
     return _amx
 
 

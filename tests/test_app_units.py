@@ -34,12 +34,15 @@ def test_app_args_from_command_line_strings():
 def test_device_dependent_defaults():
     import torch
 
-    from kernels.cpu_fused import has_amx
+    from engine.fused import fused_kernel_available
+    from kernels.cpu_fused import has_amx, isa
 
     cpu = AppConfig.from_args({})
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    # multi-row verification is cheap on AMX tiles
-    assert cpu.dtype == ("bfloat16" if bf16 else "float32") and cpu.tree_budget == (8 if has_amx() else 5)
+    # bf16 where oneDNN or the fused kernel runs it; multi-row verification is cheap on AMX
+    # tiles, dearer with AVX512-BF16 dot products, dearest with AVX2's fp32 multiply-adds
+    assert cpu.dtype == ("bfloat16" if bf16 or fused_kernel_available() else "float32")
+    assert cpu.tree_budget == ((8 if has_amx() else 5) if isa() == "avx512" else 3)
     assert cpu.engine_config("eagle").draft_vocab_size == 4096  # small CPU trees: a cheaper draft head
     gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
     assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)

@@ -37,9 +37,12 @@ def test_shards_round_trip(tiny, tmp_path):
     r = rows[0]
     assert r["token_ids"][: r["prompt_len"]] == tiny["prompts"][0][1]
     assert r["features"].shape == (len(r["token_ids"]), 96) and r["features"].dtype == torch.bfloat16
-    # Features are the target's final hidden states of the whole sequence.
+    # Features are the target's final hidden states of the whole sequence. The shards were
+    # prefilled several sequences at a time, the reference alone: fp32 GEMMs may round a
+    # few values differently with the batch's shape (seen with an AVX2 BLAS), which can
+    # move a stored bf16 feature by one unit in the last place (2^-7 relative), no more.
     ref = prefill_features(ModelRunner(tiny["model"], "float32"), [r["token_ids"]])[0]
-    torch.testing.assert_close(r["features"].float(), ref.to(torch.bfloat16).float())
+    torch.testing.assert_close(r["features"].float(), ref.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
     # Writing what was read gives the same rows back.
     write_shard(str(tmp_path / "x.parquet"), rows, 96)
     again = read_shard(str(tmp_path / "x.parquet"))
