@@ -98,8 +98,9 @@ class EngineConfig:
         still enter the tree). Where a draft depth costs a few percent of a target step
         (CPU), a low-probability depth cannot pay for its forward (``auto_draft_min_prob``).
     draft_int8: the fused CPU drafters (engine/fused.py) keep int8 weights where the CPU has
-        AMX-INT8: a draft call streams half the bytes. Drafts only rank candidates and
-        verification against the target keeps the output exact, so only tau can change.
+        AMX-INT8 or runs the AVX2 build of the kernel: a draft call streams half the bytes.
+        Drafts only rank candidates and verification against the target keeps the output
+        exact, so only tau can change.
     lookup_tokens: while speculating, also verify up to this many tokens that followed the
         latest earlier occurrence of the sequence's last 2-4 tokens (prompt lookup, merged
         into the drafter's tree as one more chain; engine/lookup.py); 0 disables it. These

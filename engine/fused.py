@@ -11,7 +11,8 @@ torch path, where oneDNN's GEMMs are compute-bound and faster.
 keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);
 ``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head and
 ``FusedMedusa.for_medusa(...)`` Medusa's heads, both with int8 weights where the CPU has
-AMX-INT8 (``EngineConfig.draft_int8``): a drafter call is bound by its weight bytes.
+AMX-INT8 or in the AVX2 build (``EngineConfig.draft_int8``): a drafter call is bound by
+its weight bytes.
 """
 from __future__ import annotations
 
@@ -183,21 +184,27 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.round().clamp(-127, 127).to(torch.int8), scale
 
 
-PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS = 0, 1, 2, 3  # Share.amx in kernels/cpu_fused.c
+PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS, PACK_PANELS_INT8 = 0, 1, 2, 3, 4  # Share.amx (cpu_fused.c)
 
 # Row order inside a 16-row panel (kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
 # 2i + 1 row 8 + i, so one load's low halves of each dword are rows 0-7, high halves 8-15.
 _PANEL_ORDER = [r for i in range(8) for r in (i, 8 + i)]
 
 
+def _pad16(w: torch.Tensor) -> torch.Tensor:
+    """Rows zero-padded to a multiple of 16 (whole panels)."""
+    pad = -w.shape[0] % 16
+    return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+
+
 def _panel_pack(w: torch.Tensor) -> torch.Tensor:
     """bf16 [n, K] -> flat, in gemv_panels' layout: 16-row panels (the last zero-padded),
-    each [K][16] with its rows in _PANEL_ORDER."""
-    n, k = w.shape
-    pad = -n % 16
-    if pad:
-        w = torch.cat([w, w.new_zeros(pad, k)])
-    return w.reshape(-1, 16, k)[:, _PANEL_ORDER].transpose(1, 2).reshape(-1)
+    each [K][16] with its rows in _PANEL_ORDER; int8 [n, K] -> gemv_panels_i8's, rows in order."""
+    k = w.shape[1]
+    panels = _pad16(w).reshape(-1, 16, k)
+    if w.dtype != torch.int8:
+        panels = panels[:, _PANEL_ORDER]
+    return panels.transpose(1, 2).reshape(-1)
 
 
 def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
@@ -210,7 +217,8 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
     tiles, is quantized per row and packed for gemv_amx_i8, their fp32 row scales after
     the share's weights (a drafter's option: kernels/cpu_fused.c); panels (the AVX2 build,
     kernels/cpu_fused_avx2.h): every matrix split on multiples of 16 rows and packed as
-    16-row panels, each segment padded to whole panels. Returns (arena tensors,
+    16-row panels, each segment padded to whole panels, int8[m] ones quantized per row
+    (their padded scales after the share's panels). Returns (arena tensors,
     their addresses to free, shares [M * T, 6]: per matrix and thread, the arena address,
     up to two (first output row, rows), and the packing, PACK_*)."""
 
@@ -223,18 +231,19 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
         half = n // 2 if pair else n
         kind = PACK_ROWS
         if panels:
-            kind = PACK_PANELS
+            kind = PACK_PANELS_INT8 if int8 and int8[m] else PACK_PANELS
         elif amx and int8 and int8[m] and fits_tiles(w, pair, int8=True):
             kind = PACK_TILES_INT8
         elif amx and fits_tiles(w, pair):
             kind = PACK_TILES
-        b = split(half, {PACK_ROWS: 4, PACK_PANELS: 16}.get(kind, 32))
+        in_panels = kind in (PACK_PANELS, PACK_PANELS_INT8)
+        b = split(half, 16 if in_panels else 4 if kind == PACK_ROWS else 32)
         per = []
         for t in range(threads):
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
-            rows = sum((h - l + 15) // 16 * 16 if kind == PACK_PANELS else h - l for l, h in segs)
-            sizes[t] += rows * (k + 4) if kind == PACK_TILES_INT8 else rows * k * 2
+            rows = sum((h - l + 15) // 16 * 16 if in_panels else h - l for l, h in segs)
+            sizes[t] += rows * (k + 4) if kind in (PACK_TILES_INT8, PACK_PANELS_INT8) else rows * k * 2
         plan.append((kind, per))
     arenas, raw = [], []
     for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
@@ -262,6 +271,10 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
                         q, sc = quantize_rows(w[lo:hi])
                         put(t, _tile_pack(q))
                         scales.append(sc)
+                    elif kind == PACK_PANELS_INT8:
+                        q, sc = quantize_rows(w[lo:hi])
+                        put(t, _panel_pack(q))
+                        scales.append(_pad16(sc))
                     else:
                         seg = w[lo:hi].to(torch.bfloat16)
                         put(t, {PACK_TILES: _tile_pack, PACK_PANELS: _panel_pack}.get(kind, lambda x: x)(seg))
@@ -279,12 +292,12 @@ class _Packed:
     def _pack(self, threads: int, mats: list, int8: list[bool] | None = None) -> None:
         self.lib = cpu_fused.load(build_dir())
         self.arenas, self._raw, self.shares = pack_arenas(self.lib, threads, mats, cpu_fused.use_amx(self.lib),
-                                                          int8 if cpu_fused.use_amx_int8(self.lib) else None,
+                                                          int8 if cpu_fused.int8_weights(self.lib) else None,
                                                           panels=cpu_fused.isa() == "avx2")
         kinds = self.shares[:, 5]
         self.amx = bool(((kinds == PACK_TILES) | (kinds == PACK_TILES_INT8)).any())  # some matrix runs on AMX tiles
-        self.int8 = bool((kinds == PACK_TILES_INT8).any())
-        self.panels = bool((kinds == PACK_PANELS).any())  # the AVX2 build
+        self.int8 = bool(((kinds == PACK_TILES_INT8) | (kinds == PACK_PANELS_INT8)).any())
+        self.panels = bool(((kinds == PACK_PANELS) | (kinds == PACK_PANELS_INT8)).any())  # the AVX2 build
 
     def __del__(self):
         for addr in getattr(self, "_raw", []):
@@ -353,7 +366,7 @@ class FusedModel(_Packed):
     def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None,
                   int8: bool = False, embed: torch.Tensor | None = None) -> "FusedModel | None":
         """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None.
-        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``); embed: the target's
+        int8: int8 weights on AMX-INT8 or in the AVX2 build (``pack_arenas``); embed: the target's
         bf16 embedding [V, H] (kept by reference), for ``run(ids=, feats=)``."""
         c = model.cfg
         if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
@@ -492,7 +505,7 @@ class FusedMedusa(_Packed):
     def for_medusa(cls, model, head_weight: torch.Tensor, threads: int | None = None,
                    int8: bool = False) -> "FusedMedusa | None":
         """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None.
-        int8: int8 weights where the CPU has AMX-INT8 (``pack_arenas``)."""
+        int8: int8 weights on AMX-INT8 or in the AVX2 build (``pack_arenas``)."""
         if fused_disabled_reason(model.heads[0][0].linear.weight):
             return None
         return cls(threads or torch.get_num_threads(), model, head_weight, int8)

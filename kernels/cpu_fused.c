@@ -68,11 +68,12 @@ static inline float bf16_to_f32(bf16 v) {
 /* One thread's share of a matrix: up to two row segments of its arena, written to
  * output columns out0.. and out1.. (gate and up of a SwiGLU sit in one share); amx: how
  * the arena holds these rows, PACK_* below (row-major for gemv, bf16 tiles for gemv_amx,
- * int8 tiles and row scales for gemv_amx_i8; in the AVX2 build, 16-row panels for
- * gemv_panels, each segment padded to whole panels). */
+ * int8 tiles and row scales for gemv_amx_i8; in the AVX2 build, bf16 or int8 16-row
+ * panels for gemv_panels(_i8), each segment padded to whole panels, int8 row scales after
+ * both segments). */
 typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
 
-enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2, PACK_PANELS = 3 };  /* Share.amx */
+enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2, PACK_PANELS = 3, PACK_PANELS_INT8 = 4 };  /* Share.amx */
 
 /* Inserts row[i + l], for each set bit l of lanes, into top/at (the k best so far, sorted,
  * best first, ties: the lower index) where it beats the k-th: rare after a row's first

@@ -141,6 +141,12 @@ def use_amx(lib: ctypes.CDLL) -> bool:
     return _amx
 
 
+def int8_weights(lib: ctypes.CDLL) -> bool:
+    """Whether a drafter can keep int8 weights here (engine/fused.py): on AMX-INT8 tiles
+    (``use_amx_int8``), or in the AVX2 build, which widens int8 panels to fp32 in registers."""
+    return use_amx_int8(lib) or isa() == "avx2"
+
+
 def use_amx_int8(lib: ctypes.CDLL) -> bool:
     """Whether int8 drafter weights can run (engine/fused.py): AMX in use (``use_amx``) and
     the CPU has AMX-INT8 (TDPBSSD)."""

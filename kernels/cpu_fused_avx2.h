@@ -14,7 +14,12 @@
  * any number of input rows, so a tree row's result is bit-identical to the same token
  * decoded alone, as in the AVX-512 build. A 9-row tree costs ~9x one row's multiply-adds,
  * which an AVX2 core's two FMA pipes do not hide behind the weight stream as AMX does:
- * small trees pay here (engine/config.py, auto_tree_budget). */
+ * small trees pay here (engine/config.py, auto_tree_budget).
+ *
+ * A drafter's matrices may be int8 panels instead (PACK_PANELS_INT8, engine/fused.py): per
+ * output row w ~ sw[r] * q[r][k], widened to fp32 in registers, the input kept fp32, and
+ * y = acc * sw[r]: half the bytes of a drafter call, which streams all its weights for a
+ * few rows (drafts only rank candidates; verification keeps the output exact). */
 
 /* ---- conversions and vector helpers --------------------------------------------------- */
 
@@ -101,65 +106,102 @@ static inline float silu1(float g) {  /* one lane of silu8, for tails */
 
 /* ---- GEMV on 16-row panels -------------------------------------------------------------- */
 
-/* Rows [0, valid) of one panel (bf16 [K][16]) times MC fp32 input rows (X, row stride K):
+/* Rows [0, valid) of one panel ([K][16]) times MC fp32 input rows (X, row stride K):
  * Y[j * ldy + r]. Two accumulators per output (even and odd k) keep four to twelve FMA
- * chains in flight whatever MC is, and fix each output's order of additions. */
+ * chains in flight whatever MC is, and fix each output's order of additions. LOAD(k, lo,
+ * hi) widens the panel's 16 weights of column k (rows 0-7 into lo, 8-15 into hi); SCALE
+ * (lo, hi) finishes the sums. */
+#define PANEL_COLUMN(LOAD, kk, u)                                                               \
+    do {                                                                                        \
+        __m256 lo, hi;                                                                          \
+        LOAD(kk, lo, hi);                                                                       \
+        for (int j = 0; j < MC; j++) {                                                          \
+            const __m256 x = _mm256_broadcast_ss(X + (size_t)j * K + (kk));                     \
+            acc[j][0][u] = _mm256_fmadd_ps(lo, x, acc[j][0][u]);                                \
+            acc[j][1][u] = _mm256_fmadd_ps(hi, x, acc[j][1][u]);                                \
+        }                                                                                       \
+    } while (0)
+#define PANEL_TILE(LOAD, SCALE)                                                                 \
+    __m256 acc[3][2][2]; /* [input row][rows 0-7 | 8-15][k parity] */                          \
+    for (int j = 0; j < MC; j++)                                                                \
+        for (int h = 0; h < 2; h++) acc[j][h][0] = acc[j][h][1] = _mm256_setzero_ps();         \
+    int k = 0;                                                                                  \
+    for (; k + 2 <= K; k += 2) {                                                                \
+        PANEL_COLUMN(LOAD, k, 0);                                                               \
+        PANEL_COLUMN(LOAD, k + 1, 1);                                                           \
+    }                                                                                           \
+    if (k < K) PANEL_COLUMN(LOAD, k, 0); /* odd K: the last column joins the even chain */     \
+    for (int j = 0; j < MC; j++) {                                                              \
+        float* y = Y + (size_t)j * ldy;                                                         \
+        __m256 lo = _mm256_add_ps(acc[j][0][0], acc[j][0][1]), hi = _mm256_add_ps(acc[j][1][0], acc[j][1][1]); \
+        SCALE(lo, hi);                                                                          \
+        if (valid == 16) {                                                                      \
+            _mm256_storeu_ps(y, lo);                                                            \
+            _mm256_storeu_ps(y + 8, hi);                                                        \
+        } else { /* the last panel of a matrix whose rows are not a multiple of 16 */          \
+            _mm256_maskstore_ps(y, tail8(valid), lo);                                           \
+            if (valid > 8) _mm256_maskstore_ps(y + 8, tail8(valid - 8), hi);                    \
+        }                                                                                       \
+    }
+
+/* bf16 panels: rows interleaved (engine/fused.py, _PANEL_ORDER) so that the even elements
+ * are rows 0-7 and the odd ones rows 8-15; a prefetch per 64 bytes (two columns). */
+#define LOAD_BF16(k, lo, hi)                                                                    \
+    do {                                                                                        \
+        if (!((k) & 1)) _mm_prefetch((const char*)(w + (size_t)(k) * 16 + PF_ELEMS), _MM_HINT_T1); \
+        load16_split(w + (size_t)(k) * 16, &lo, &hi);                                           \
+    } while (0)
+#define NO_SCALE(lo, hi) (void)0
+
 static inline __attribute__((always_inline)) void panel_tile(const bf16* w, int K, const float* X, float* Y,
                                                                int ldy, int valid, const int MC) {
-    __m256 acc[3][2][2];  /* [input row][rows 0-7 | 8-15][k parity] */
-    for (int j = 0; j < MC; j++)
-        for (int h = 0; h < 2; h++) acc[j][h][0] = acc[j][h][1] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 2 <= K; k += 2) {
-        _mm_prefetch((const char*)(w + (size_t)k * 16 + PF_ELEMS), _MM_HINT_T1);  /* 64 bytes: this k pair */
-        for (int u = 0; u < 2; u++) {
-            __m256 lo, hi;
-            load16_split(w + (size_t)(k + u) * 16, &lo, &hi);
-            for (int j = 0; j < MC; j++) {
-                const __m256 x = _mm256_broadcast_ss(X + (size_t)j * K + k + u);
-                acc[j][0][u] = _mm256_fmadd_ps(lo, x, acc[j][0][u]);
-                acc[j][1][u] = _mm256_fmadd_ps(hi, x, acc[j][1][u]);
-            }
-        }
-    }
-    if (k < K) {  /* odd K: the last k joins the even chain */
-        __m256 lo, hi;
-        load16_split(w + (size_t)k * 16, &lo, &hi);
-        for (int j = 0; j < MC; j++) {
-            const __m256 x = _mm256_broadcast_ss(X + (size_t)j * K + k);
-            acc[j][0][0] = _mm256_fmadd_ps(lo, x, acc[j][0][0]);
-            acc[j][1][0] = _mm256_fmadd_ps(hi, x, acc[j][1][0]);
-        }
-    }
-    for (int j = 0; j < MC; j++) {
-        float* y = Y + (size_t)j * ldy;
-        const __m256 lo = _mm256_add_ps(acc[j][0][0], acc[j][0][1]), hi = _mm256_add_ps(acc[j][1][0], acc[j][1][1]);
-        if (valid == 16) {
-            _mm256_storeu_ps(y, lo);
-            _mm256_storeu_ps(y + 8, hi);
-        } else {  /* the last panel of a matrix whose rows are not a multiple of 16 */
-            _mm256_maskstore_ps(y, tail8(valid), lo);
-            if (valid > 8) _mm256_maskstore_ps(y + 8, tail8(valid - 8), hi);
-        }
-    }
+    PANEL_TILE(LOAD_BF16, NO_SCALE)
+}
+
+/* int8 panels: rows in order, 16 bytes a column (a prefetch per four). */
+#define LOAD_INT8(k, lo, hi)                                                                    \
+    do {                                                                                        \
+        if (!((k) & 3)) _mm_prefetch((const char*)(q + (size_t)(k) * 16 + 2 * PF_ELEMS), _MM_HINT_T1); \
+        const __m128i b = _mm_loadu_si128((const __m128i*)(q + (size_t)(k) * 16));              \
+        lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));                                       \
+        hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));                \
+    } while (0)
+#define ROW_SCALES(lo, hi)                                                                      \
+    do {                                                                                        \
+        lo = _mm256_mul_ps(lo, s0);                                                             \
+        hi = _mm256_mul_ps(hi, s1);                                                             \
+    } while (0)
+
+static inline __attribute__((always_inline)) void panel_tile_i8(const int8_t* q, const float* sw, int K,
+                                                                  const float* X, float* Y, int ldy, int valid,
+                                                                  const int MC) {
+    const __m256 s0 = _mm256_loadu_ps(sw), s1 = _mm256_loadu_ps(sw + 8);  /* padded: 16 scales a panel */
+    PANEL_TILE(LOAD_INT8, ROW_SCALES)
 }
 
 /* Y[m * ldy + r] = W[r] . X[m] for r < nrows, W in panels of 16 rows (the last zero-padded),
- * X fp32 [M, K]. */
-static void gemv_panels(const bf16* W, int nrows, int K, const float* X, int M, float* Y, int ldy) {
-    for (int p = 0; p < nrows; p += 16) {
-        const bf16* w = W + (size_t)p * K;
-        const int valid = nrows - p < 16 ? nrows - p : 16;
-        for (int m = 0; m < M; m += 3) {
-            const float* x = X + (size_t)m * K;
-            float* y = Y + (size_t)m * ldy + p;
-            switch (M - m) {
-                case 1: panel_tile(w, K, x, y, ldy, valid, 1); break;
-                case 2: panel_tile(w, K, x, y, ldy, valid, 2); break;
-                default: panel_tile(w, K, x, y, ldy, valid, 3); break;
-            }
-        }
+ * X fp32 [M, K]; int8 panels (Q, its rows' scales sw) through the same loops. */
+#define PANEL_PASSES(TILE, ...)                                                                 \
+    for (int p = 0; p < nrows; p += 16) {                                                       \
+        const int valid = nrows - p < 16 ? nrows - p : 16;                                      \
+        for (int m = 0; m < M; m += 3) {                                                        \
+            const float* x = X + (size_t)m * K;                                                 \
+            float* y = Y + (size_t)m * ldy + p;                                                 \
+            switch (M - m) {                                                                    \
+                case 1: TILE(__VA_ARGS__, K, x, y, ldy, valid, 1); break;                       \
+                case 2: TILE(__VA_ARGS__, K, x, y, ldy, valid, 2); break;                       \
+                default: TILE(__VA_ARGS__, K, x, y, ldy, valid, 3); break;                      \
+            }                                                                                   \
+        }                                                                                       \
     }
+
+static void gemv_panels(const bf16* W, int nrows, int K, const float* X, int M, float* Y, int ldy) {
+    PANEL_PASSES(panel_tile, W + (size_t)p * K)
+}
+
+static void gemv_panels_i8(const int8_t* Q, const float* sw, int nrows, int K, const float* X, int M, float* Y,
+                           int ldy) {
+    PANEL_PASSES(panel_tile_i8, Q + (size_t)p * K, sw + p)
 }
 
 /* Each thread widens the whole GEMV input to fp32 for its own share (a few rows, cheaper
@@ -183,9 +225,17 @@ static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, flo
         for (; k + 8 <= K; k += 8) _mm256_storeu_ps(xf + k, load8_bf16(x + k));
         for (; k < K; k++) xf[k] = bf16_to_f32(x[k]);
     }
+    const size_t rows0 = (size_t)(s->n0 + 15) / 16 * 16;  /* the first segment, padded to panels */
+    if (s->amx == PACK_PANELS_INT8) {  /* int8 panels of both segments, then their scales */
+        const int8_t* Q = (const int8_t*)(uintptr_t)s->ptr;
+        const float* sw = (const float*)(Q + (rows0 + (size_t)(s->n1 + 15) / 16 * 16) * K);
+        gemv_panels_i8(Q, sw, (int)s->n0, K, xf_buf, M, Y + s->out0, ldy);
+        if (s->n1) gemv_panels_i8(Q + rows0 * K, sw + rows0, (int)s->n1, K, xf_buf, M, Y + s->out1, ldy);
+        return;
+    }
     const bf16* W = (const bf16*)(uintptr_t)s->ptr;
     gemv_panels(W, (int)s->n0, K, xf_buf, M, Y + s->out0, ldy);
-    if (s->n1) gemv_panels(W + (size_t)(s->n0 + 15) / 16 * 16 * K, (int)s->n1, K, xf_buf, M, Y + s->out1, ldy);
+    if (s->n1) gemv_panels(W + rows0 * K, (int)s->n1, K, xf_buf, M, Y + s->out1, ldy);
 }
 
 /* ---- pieces of a layer -------------------------------------------------------------------- */

@@ -24,11 +24,12 @@ HAS_AMX = has_amx()
 
 
 def int8_available() -> bool:
-    """AMX-INT8 on this CPU and AMX tiles in use (not TREESPEC_CPU_AMX=0)."""
+    """int8 drafter weights run here: AMX-INT8 tiles in use (not TREESPEC_CPU_AMX=0), or the
+    AVX2 build (int8 panels)."""
     from engine.fused import build_dir
     from kernels import cpu_fused
 
-    return cpu_fused.use_amx_int8(cpu_fused.load(build_dir()))
+    return cpu_fused.int8_weights(cpu_fused.load(build_dir()))
 
 
 def run(runner: ModelRunner, seqs: list[SeqInput]):
@@ -206,7 +207,7 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts,
     from engine.executor import InProcessExecutor
 
     if int8 and not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
     cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
@@ -374,7 +375,7 @@ def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     from engine.executor import InProcessExecutor
 
     if int8 and not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
     cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
@@ -431,36 +432,49 @@ def test_topk_logprobs_matches_torch():
 
 
 def test_int8_gemv_is_the_quantized_product_exactly():
-    """gemv_amx_i8 (a drafter's int8 weights) computes exactly the W8A8 product it
-    documents, against integer arithmetic in float64: per-row int8 weights and inputs
-    (round half to even), int32 sums, then (acc * sx) * sw; for single and paired (gate/up)
-    matrices, one to 33 rows (both A tiles), several thread splits, and a zero input row.
-    Its error against the bf16 product stays at int8's ~1%."""
-    from engine.fused import PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
+    """The int8 GEMV of a drafter's weights computes exactly the product it documents.
+    On AMX (gemv_amx_i8): W8A8 against integer arithmetic in float64: per-row int8 weights
+    and inputs (round half to even), int32 sums, then (acc * sx) * sw, bit for bit. In the
+    AVX2 build (gemv_panels_i8): int8 weights times the fp32 input, then * sw, equal to
+    float64 within fp32 rounding. For single and paired (gate/up) matrices, one to 33 rows
+    (both A tiles; several 3-row panel passes), several thread splits, and a zero input
+    row; AVX2 also with rows that end in a padded panel. Either's error against the bf16
+    product stays at int8's ~1%."""
+    from engine.fused import PACK_PANELS_INT8, PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
     from kernels import cpu_fused
 
     if not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
     lib = cpu_fused.load(build_dir())
+    avx2 = cpu_fused.isa() == "avx2"
     g = torch.Generator().manual_seed(5)
-    for n, k, pair in [(96, 576, False), (3072, 576, True), (576, 1536, False), (8192, 576, False)]:
+    sizes = [(96, 576, False), (3072, 576, True), (576, 1536, False), (8192, 576, False)]
+    if avx2:
+        sizes += [(100, 576, False), (200, 576, True)]  # 100 rows: a padded last panel (per half)
+    for n, k, pair in sizes:
         w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
         q, sw = quantize_rows(w)
         assert (q.float() * sw[:, None] - w.float()).abs().max() <= sw.max() / 2 + 1e-6
-        arenas, raw, shares = pack_arenas(lib, 2, [(w, pair)], amx=True, int8=[True])
+        arenas, raw, shares = pack_arenas(lib, 2, [(w, pair)], amx=not avx2, int8=[True], panels=avx2)
         try:
-            assert (shares[:, 5] == PACK_TILES_INT8).all()
+            assert (shares[:, 5] == (PACK_PANELS_INT8 if avx2 else PACK_TILES_INT8)).all()
             for m in (1, 5, 17, 33):
                 x = torch.randn(m, k, generator=g).to(torch.bfloat16)
                 if m > 1:
                     x[m // 2] = 0.0  # a zero row: scale 0, outputs 0
                 y = torch.full((m, n), float("nan"))
                 assert lib.fused_gemv(shares.data_ptr(), 2, k, x.data_ptr(), m, y.data_ptr(), n) == 0
-                amax = x.float().abs().amax(1)
-                inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-                xq = (x.float() * inv[:, None]).round()
-                acc = (xq.double() @ q.double().T).to(torch.int32).float()
-                assert torch.equal(y, (acc * (amax / 127)[:, None]) * sw[None, :]), (n, k, m)
+                if avx2:
+                    ref = (x.double() @ q.double().T) * sw.double()[None, :]
+                    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (n, k, m)
+                    if m > 1:
+                        assert (y[m // 2] == 0).all()
+                else:
+                    amax = x.float().abs().amax(1)
+                    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+                    xq = (x.float() * inv[:, None]).round()
+                    acc = (xq.double() @ q.double().T).to(torch.int32).float()
+                    assert torch.equal(y, (acc * (amax / 127)[:, None]) * sw[None, :]), (n, k, m)
                 exact = x.float() @ w.float().T
                 assert (y - exact).norm() / exact.norm() < 0.02
         finally:
