@@ -207,12 +207,13 @@ def auto_tree_budget(device: str = "cpu") -> int:
     with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.15x a one-token
     step and 8-node trees gave both drafters their best speedup; with AVX512-BF16 dot
     products alone 9 tokens cost ~1.5x and 5 nodes was best; with the AVX2 build (fp32
-    multiply-adds, kernels/cpu_fused_avx2.h) 3 nodes was best for both drafters on an AMD
-    Zen 3, ahead of 5 and 8 (bench/speculative.py, docs/benchmarks.md)."""
+    multiply-adds, kernels/cpu_fused_avx2.h) on an AMD Zen 3, 2 nodes (plus the lookup
+    chain) beat 3 in three same-process runs of four and tied once, and 3 beat 4, 5 and 8
+    (bench/speculative.py, docs/benchmarks.md)."""
     if device.startswith("cuda"):
         return 60
     from kernels import cpu_fused
 
     if cpu_fused.isa() == "avx512":
         return 8 if cpu_fused.has_amx() else 5
-    return 3
+    return 2
