@@ -123,6 +123,7 @@ static inline float silu1(float g) {  /* one lane of silu8, for tails */
     } while (0)
 #define PANEL_TILE(LOAD, SCALE)                                                                 \
     __m256 acc[3][2][2]; /* [input row][rows 0-7 | 8-15][k parity] */                          \
+    const char* pf = *pf_io;                                                                    \
     for (int j = 0; j < MC; j++)                                                                \
         for (int h = 0; h < 2; h++) acc[j][h][0] = acc[j][h][1] = _mm256_setzero_ps();         \
     int k = 0;                                                                                  \
@@ -142,26 +143,48 @@ static inline float silu1(float g) {  /* one lane of silu8, for tails */
             _mm256_maskstore_ps(y, tail8(valid), lo);                                           \
             if (valid > 8) _mm256_maskstore_ps(y + 8, tail8(valid - 8), hi);                    \
         }                                                                                       \
-    }
+    }                                                                                           \
+    *pf_io = pf;
+
+/* The weight stream's prefetch cursor (one per thread: its arena is read in order). One
+ * line is prefetched per 64 bytes of panel read, up to pf_cap: on a panel's first pass
+ * (the only one of a one-row GEMV) that keeps the cursor PF_ELEMS ahead, as a fixed
+ * distance would; on the further passes of a GEMV of more than three rows, which read the
+ * panel from cache, it runs on towards PF_LEAD_MAX ahead of the panel's end, so DRAM keeps
+ * streaming the next panels while these passes compute instead of idling. */
+#define PF_BYTES ((ptrdiff_t)PF_ELEMS * 2)
+#ifndef PF_LEAD_MAX
+#define PF_LEAD_MAX (4 * PF_BYTES)
+#endif
+static __thread const char* pf_cursor;
+
+#define PREFETCH_NEXT()                                                                         \
+    do {                                                                                        \
+        if (pf < pf_cap) {                                                                      \
+            _mm_prefetch(pf, _MM_HINT_T1);                                                      \
+            pf += 64;                                                                           \
+        }                                                                                       \
+    } while (0)
 
 /* bf16 panels: rows interleaved (engine/fused.py, _PANEL_ORDER) so that the even elements
  * are rows 0-7 and the odd ones rows 8-15; a prefetch per 64 bytes (two columns). */
 #define LOAD_BF16(k, lo, hi)                                                                    \
     do {                                                                                        \
-        if (!((k) & 1)) _mm_prefetch((const char*)(w + (size_t)(k) * 16 + PF_ELEMS), _MM_HINT_T1); \
+        if (!((k) & 1)) PREFETCH_NEXT();                                                        \
         load16_split(w + (size_t)(k) * 16, &lo, &hi);                                           \
     } while (0)
 #define NO_SCALE(lo, hi) (void)0
 
 static inline __attribute__((always_inline)) void panel_tile(const bf16* w, int K, const float* X, float* Y,
-                                                               int ldy, int valid, const int MC) {
+                                                               int ldy, int valid, const int MC,
+                                                               const char** pf_io, const char* pf_cap) {
     PANEL_TILE(LOAD_BF16, NO_SCALE)
 }
 
 /* int8 panels: rows in order, 16 bytes a column (a prefetch per four). */
 #define LOAD_INT8(k, lo, hi)                                                                    \
     do {                                                                                        \
-        if (!((k) & 3)) _mm_prefetch((const char*)(q + (size_t)(k) * 16 + 2 * PF_ELEMS), _MM_HINT_T1); \
+        if (!((k) & 3)) PREFETCH_NEXT();                                                        \
         const __m128i b = _mm_loadu_si128((const __m128i*)(q + (size_t)(k) * 16));              \
         lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));                                       \
         hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));                \
@@ -174,34 +197,40 @@ static inline __attribute__((always_inline)) void panel_tile(const bf16* w, int 
 
 static inline __attribute__((always_inline)) void panel_tile_i8(const int8_t* q, const float* sw, int K,
                                                                   const float* X, float* Y, int ldy, int valid,
-                                                                  const int MC) {
+                                                                  const int MC, const char** pf_io, const char* pf_cap) {
     const __m256 s0 = _mm256_loadu_ps(sw), s1 = _mm256_loadu_ps(sw + 8);  /* padded: 16 scales a panel */
     PANEL_TILE(LOAD_INT8, ROW_SCALES)
 }
 
-/* Y[m * ldy + r] = W[r] . X[m] for r < nrows, W in panels of 16 rows (the last zero-padded),
- * X fp32 [M, K]; int8 panels (Q, its rows' scales sw) through the same loops. */
-#define PANEL_PASSES(TILE, ...)                                                                 \
+/* Y[m * ldy + r] = W[r] . X[m] for r < nrows, W in panels of 16 rows (the last zero-padded,
+ * `bytes` each), X fp32 [M, K]; int8 panels (Q, its rows' scales sw) through the same loops.
+ * A cursor outside [PF_BYTES, PF_LEAD_MAX] ahead belongs to another arena (or forward). */
+#define PANEL_PASSES(TILE, base, bytes, ...)                                                    \
+    const char* pf = pf_cursor;                                                                 \
+    const char* start = (const char*)(base);                                                    \
+    if (pf < start + PF_BYTES || pf > start + PF_LEAD_MAX + 64) pf = start + PF_BYTES;          \
     for (int p = 0; p < nrows; p += 16) {                                                       \
         const int valid = nrows - p < 16 ? nrows - p : 16;                                      \
+        const char* pf_cap = start + (size_t)(p / 16 + 1) * (bytes) + PF_LEAD_MAX;              \
         for (int m = 0; m < M; m += 3) {                                                        \
             const float* x = X + (size_t)m * K;                                                 \
             float* y = Y + (size_t)m * ldy + p;                                                 \
             switch (M - m) {                                                                    \
-                case 1: TILE(__VA_ARGS__, K, x, y, ldy, valid, 1); break;                       \
-                case 2: TILE(__VA_ARGS__, K, x, y, ldy, valid, 2); break;                       \
-                default: TILE(__VA_ARGS__, K, x, y, ldy, valid, 3); break;                      \
+                case 1: TILE(__VA_ARGS__, K, x, y, ldy, valid, 1, &pf, pf_cap); break;          \
+                case 2: TILE(__VA_ARGS__, K, x, y, ldy, valid, 2, &pf, pf_cap); break;          \
+                default: TILE(__VA_ARGS__, K, x, y, ldy, valid, 3, &pf, pf_cap); break;         \
             }                                                                                   \
         }                                                                                       \
-    }
+    }                                                                                           \
+    pf_cursor = pf;
 
 static void gemv_panels(const bf16* W, int nrows, int K, const float* X, int M, float* Y, int ldy) {
-    PANEL_PASSES(panel_tile, W + (size_t)p * K)
+    PANEL_PASSES(panel_tile, W, (size_t)K * 32, W + (size_t)p * K)
 }
 
 static void gemv_panels_i8(const int8_t* Q, const float* sw, int nrows, int K, const float* X, int M, float* Y,
                            int ldy) {
-    PANEL_PASSES(panel_tile_i8, Q + (size_t)p * K, sw + p)
+    PANEL_PASSES(panel_tile_i8, Q, (size_t)K * 16, Q + (size_t)p * K, sw + p)
 }
 
 /* Each thread widens the whole GEMV input to fp32 for its own share (a few rows, cheaper

@@ -53,3 +53,10 @@ def test_draft_stop_bench_shape():
     assert stopped["drafter_forwards_per_step"] >= 1  # a step's catch-up is a forward
     assert all(1.0 <= m["tau"] <= res["tree_budget"] + 1 for m in (exact, stopped))
     assert res["best"] in res["by_min_prob"]
+
+
+def test_verify_rows_bench_shape():
+    res = run_bench("bench/verify_rows.py", "--rows", "3", "--context", "40", "--repeats", "2")
+    assert res["bench"] == "verify_rows" and set(res["ms"]) == {"1", "3"}
+    assert res["ratio_to_one_row"]["1"] == 1.0 and all(ms > 0 for ms in res["ms"].values())
+    assert abs(res["ratio_to_one_row"]["3"] - res["ms"]["3"] / res["ms"]["1"]) < 0.01

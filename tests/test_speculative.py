@@ -159,3 +159,36 @@ def test_a_failing_request_ends_alone(make_engine, references, chat_prompts, fai
     assert engine.kv_blocks_used == 0 and "bad" not in drafter.seqs
     out = engine.generate([chat_prompts[5]], GREEDY)[0]
     assert chat_prompts[5] + out.token_ids == references[tuple(chat_prompts[5])]
+
+
+def test_eagle_search_of_a_batch_equals_one_request_at_a_time(executor, default_dir, chat_prompts):
+    """The torch path drafts all requests of a step together (padded caches of different
+    lengths, one drafter forward per depth); each request must get the tree, the cache and
+    the output feature it gets alone, step after step, with fewer drafter forwards."""
+    cfg = EngineConfig(speculation="eagle", tree_budget=8, draft_vocab_size=4096)
+    batched, alone = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
+    assert batched.fused is None  # fp32: the torch path
+    g = torch.Generator().manual_seed(0)
+    hidden = executor.runner.config.hidden_size
+    ids = {f"r{i}": chat_prompts[i][: 20 + 15 * i] for i in range(3)}  # three cache lengths
+    for rid, toks in ids.items():
+        feats = torch.randn(len(toks), hidden, generator=g)
+        for d in (batched, alone):
+            d.on_prefill(rid, toks, feats, toks[-1])
+    budgets = [8, 3, 12]
+    for step, accept in enumerate([(1, 3, 2), (4, 1, 1), (2, 2, 5)]):
+        before = (batched.forwards, alone.forwards)
+        together = batched.propose(list(ids), budgets)
+        one_by_one = [alone.propose([rid], [b])[0] for rid, b in zip(ids, budgets)]
+        for t, o, b in zip(together, one_by_one, budgets):
+            assert (t.tokens, t.parents) == (o.tokens, o.parents) and len(t) == b
+        assert batched.forwards - before[0] < alone.forwards - before[1]
+        for rid, n in zip(ids, accept):
+            a, o = batched.states[rid], alone.states[rid]
+            assert a.length == o.length and torch.allclose(a.k, o.k, atol=1e-5) and torch.allclose(a.last, o.last,
+                                                                                                  atol=1e-5)
+            toks = torch.randint(0, 4096, (n + 1,), generator=g).tolist()
+            feats = torch.randn(n, hidden, generator=g)
+            for d in (batched, alone):
+                d.on_verified(rid, toks[:n], feats, toks[n])
+    assert [len(t) for t in batched.propose(["r0", "gone"], [0, 5])] == [0, 0]  # no budget, unknown request

@@ -198,70 +198,128 @@ class EagleDrafter(Drafter):
     def _embed(self, tokens) -> torch.Tensor:
         return F.embedding(torch.as_tensor(tokens, dtype=torch.long), self.embed_weight)
 
-    def _catch_up(self, st: _State) -> None:
-        """Run the pending (feature, token) pairs through the drafter, causally."""
-        n = len(st.tokens)
-        if n == 0:
-            return
-        feats = torch.cat(st.feats).unsqueeze(0)
-        emb = self._embed(st.tokens).unsqueeze(0)
-        pos = torch.arange(st.length, st.length + n).unsqueeze(0)
-        mask = torch.ones(n, st.length + n, dtype=torch.bool).tril(st.length).unsqueeze(0)
-        out, st.k, st.v = self.model(emb, feats, pos, mask, st.k, st.v)
+    def _catch_up(self, sts: list[_State]) -> tuple:
+        """Run every request's pending (feature, token) pairs through the drafter, causally,
+        as one padded batch. Returns the batch's KV (k, v: [layers, B, n_kv, P, D]) and which
+        of its P slots each request sees (seen: bool [B, P]): its cached pairs, left-aligned,
+        then its new ones after the longest cache. Each request keeps its own compact cache."""
+        c, B = self.model.cfg, len(sts)
+        lengths, n = [st.length for st in sts], [len(st.tokens) for st in sts]
+        past, nmax = max(lengths), max(n)
+        dtype, dev = self.model.fc.weight.dtype, self.model.fc.weight.device
+        k = v = None
+        if past:
+            k = torch.zeros(c.num_layers, B, c.num_key_value_heads, past, c.head_dim, dtype=dtype, device=dev)
+            v = torch.zeros_like(k)
+            for b, st in enumerate(sts):
+                if st.length:
+                    k[:, b, :, : st.length], v[:, b, :, : st.length] = st.k[:, 0], st.v[:, 0]
+        seen = torch.arange(past) < torch.tensor(lengths)[:, None]
+        if nmax == 0:
+            return k, v, seen
+        emb = torch.zeros(B, nmax, c.hidden_size, dtype=dtype, device=dev)
+        feats = torch.zeros_like(emb)
+        pos = torch.tensor(lengths)[:, None].repeat(1, nmax)
+        real = torch.arange(nmax) < torch.tensor(n)[:, None]  # [B, nmax]
+        for b, st in enumerate(sts):
+            if n[b]:
+                emb[b, : n[b]] = self._embed(st.tokens)
+                feats[b, : n[b]] = torch.cat(st.feats).to(dtype)
+                pos[b, : n[b]] += torch.arange(n[b])
+        causal = torch.ones(nmax, nmax, dtype=torch.bool).tril()
+        # Padding rows see only themselves (a softmax over nothing would be NaN); no real row sees them.
+        new = (causal & real[:, None, :]) | torch.eye(nmax, dtype=torch.bool)
+        mask = torch.cat([seen[:, None, :] & real[:, :, None], new], dim=2)
+        out, k, v = self.model(emb, feats, pos.to(dev), mask.to(dev), k, v)
         self.forwards += 1
-        st.length += n
-        st.last = out[0, -1]
-        st.feats, st.tokens = [], []
+        for b, st in enumerate(sts):
+            if n[b]:
+                keep = torch.cat([torch.arange(st.length), past + torch.arange(n[b])])
+                st.k, st.v = k[:, b: b + 1, :, keep], v[:, b: b + 1, :, keep]
+                st.length += n[b]
+                st.last = out[b, n[b] - 1]
+                st.feats, st.tokens = [], []
+        return k, v, torch.cat([seen, real], dim=1)
 
     @torch.inference_mode()
     def propose(self, request_ids, budgets):
-        return [self._propose_one(r, b) for r, b in zip(request_ids, budgets)]
+        trees = [DraftTree([], []) for _ in request_ids]
+        todo = [(i, self.states[r], b) for i, (r, b) in enumerate(zip(request_ids, budgets))
+                if r in self.states and b > 0]
+        if self.fused is not None:  # one C call per request (FusedModel.eagle_step)
+            for i, st, b in todo:
+                trees[i] = self._propose_fused(st, b, min(self.top_k, b))
+        elif todo:
+            for (i, _, _), tree in zip(todo, self._propose_batch([st for _, st, _ in todo], [b for _, _, b in todo])):
+                trees[i] = tree
+        return trees
 
-    def _propose_one(self, request_id: str, budget: int) -> DraftTree:
-        st = self.states.get(request_id)
-        if st is None or budget <= 0:
-            return DraftTree([], [])
-        k = min(self.top_k, budget)  # wider than the budget cannot pay: only `budget` nodes are kept
-        if self.fused is not None:
-            return self._propose_fused(st, budget, k)
-        self._catch_up(st)
-        # Every drafted node: token, parent (-1 root), cumulative log-prob, depth.
-        logp, toks = self.head.topk(st.last.unsqueeze(0), k)
-        tokens, parents = toks[0].tolist(), [-1] * k
-        scores, depths = logp[0].tolist(), [1] * k
-        frontier = list(range(k))
-        front_feat = st.last.expand(k, -1)  # the feature each frontier node's pair carries
-        fk, fv = st.k, st.v  # cache grows with forwarded draft nodes, then is dropped
-        # anc[r]: forwarded node r's ancestors among the forwarded nodes, itself included;
-        # a new frontier row is its parent's row plus itself. At most k nodes per depth.
-        anc = torch.zeros(self.depth * k, self.depth * k, dtype=torch.bool)
-        fwd_index: dict[int, int] = {}  # node -> forwarded row
-        m = 0  # nodes forwarded so far
+    def _propose_batch(self, sts: list[_State], budgets: list[int]) -> list[DraftTree]:
+        """The EAGLE-2 search of B requests at once (the torch path: GPUs, fp32 on CPU): one
+        padded catch-up, then per depth one drafter forward of every request's frontier."""
+        B, H = len(sts), self.model.cfg.hidden_size
+        dtype, dev = self.model.fc.weight.dtype, self.model.fc.weight.device
+        ks = [min(self.top_k, b) for b in budgets]  # wider than the budget cannot pay: only `budget` nodes are kept
+        kmax = max(ks)
+        fk, fv, seen = self._catch_up(sts)  # the drafter cache grows with forwarded draft nodes, then is dropped
+        past = seen.shape[1]
+        logp, toks = self.head.topk(torch.stack([st.last for st in sts]), kmax)
+        # Per request, every drafted node: token, parent (-1 root), cumulative log-prob, depth.
+        tokens = [row[:k] for row, k in zip(toks.tolist(), ks)]
+        scores = [row[:k] for row, k in zip(logp.tolist(), ks)]
+        parents, depths = [[-1] * k for k in ks], [[1] * k for k in ks]
+        frontier = [list(range(k)) for k in ks]
+        front_feat = [st.last.expand(k, -1) for st, k in zip(sts, ks)]  # the feature each frontier node's pair carries
+        # Forwarded draft rows sit in the cache after `past`, kmax slots per depth; anc[b, r]:
+        # request b's row r's ancestors among them, itself included (a new frontier row is its
+        # parent's row plus itself). Rows a request does not fill see only themselves.
+        anc = torch.zeros(B, self.depth * kmax, self.depth * kmax, dtype=torch.bool)
+        fwd_index = [{} for _ in range(B)]  # node -> forwarded row
+        lengths = [st.length for st in sts]
+        active = [True] * B
         for d in range(1, self.depth):
             # Exact early stop: a child never outscores its parent, so once the budget-th
             # best score so far is at least the best frontier score, no deeper node can
             # make the final selection (ties go to the shallower node). Each depth is a
             # drafter forward plus a head read, the main drafting cost on CPU.
-            if self._stop(scores, frontier, budget):
+            active = [a and not self._stop(scores[b], frontier[b], budgets[b]) for b, a in enumerate(active)]
+            if not any(active):
                 break
-            n_f = len(frontier)
-            if d > 1:  # depth-1 nodes hang off the root, which the cache already holds
-                anc[m: m + n_f] = anc[[fwd_index[parents[node]] for node in frontier]]
-            rows = torch.arange(m, m + n_f)
-            anc[rows, rows] = True
-            mask = torch.cat([torch.ones(n_f, st.length, dtype=torch.bool), anc[m: m + n_f, : m + n_f]], dim=1)
-            emb = self._embed([tokens[i] for i in frontier]).unsqueeze(0)
-            pos = torch.full((1, n_f), st.length + d - 1)
-            out, fk, fv = self.model(emb, front_feat.unsqueeze(0), pos, mask.unsqueeze(0), fk, fv)
+            m = (d - 1) * kmax  # rows forwarded so far (padded)
+            rows = torch.arange(m, m + kmax)
+            anc[:, rows, rows] = True
+            emb = torch.zeros(B, kmax, H, dtype=dtype, device=dev)
+            feat = torch.zeros_like(emb)
+            real = torch.zeros(B, kmax, dtype=torch.bool)
+            for b in range(B):
+                if not active[b]:
+                    continue
+                n_f = len(frontier[b])
+                if d > 1:  # depth-1 nodes hang off the root, which the cache already holds
+                    anc[b, m: m + n_f] |= anc[b, [fwd_index[b][parents[b][node]] for node in frontier[b]]]
+                emb[b, :n_f] = self._embed([tokens[b][i] for i in frontier[b]])
+                feat[b, :n_f] = front_feat[b]
+                real[b, :n_f] = True
+                for j, node in enumerate(frontier[b]):
+                    fwd_index[b][node] = m + j
+            pos = torch.tensor(lengths)[:, None].expand(B, kmax) + (d - 1)
+            mask = torch.cat([seen[:, None, :] & real[:, :, None], anc[:, m: m + kmax, : m + kmax]], dim=2)
+            out, fk, fv = self.model(emb, feat, pos.to(dev), mask.to(dev), fk, fv)
             self.forwards += 1
-            for j, node in enumerate(frontier):
-                fwd_index[node] = m + j
-            m += n_f
-            child_logp, child_tok = self.head.topk(out[0], k)
-            frontier, rows = self._grow(tokens, parents, scores, depths, frontier, child_logp.tolist(),
-                                        child_tok.tolist(), d)
-            front_feat = out[0][rows]
-        return self._select(tokens, parents, scores, depths, budget)
+            child_logp, child_tok = self.head.topk(out[real.to(dev)], kmax)
+            child_logp, child_tok = child_logp.tolist(), child_tok.tolist()
+            at = 0
+            for b in range(B):
+                if not active[b]:
+                    continue
+                n_f, k = len(frontier[b]), ks[b]
+                lp = [row[:k] for row in child_logp[at: at + n_f]]
+                tk = [row[:k] for row in child_tok[at: at + n_f]]
+                at += n_f
+                frontier[b], parent_rows = self._grow(tokens[b], parents[b], scores[b], depths[b], frontier[b],
+                                                      lp, tk, d)
+                front_feat[b] = out[b][parent_rows]
+        return [self._select(tokens[b], parents[b], scores[b], depths[b], budgets[b]) for b in range(B)]
 
     @staticmethod
     def _grow(tokens, parents, scores, depths, frontier, child_logp, child_tok, d) -> tuple[list[int], list[int]]:
