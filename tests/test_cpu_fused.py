@@ -150,6 +150,47 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, 
     assert t.argmax == t.logits.argmax(-1).tolist()  # the forward's own argmax, for greedy verification
 
 
+def test_long_causal_forwards_in_chunks_equal_one_forward(tmp_path):
+    """A prefill of more rows than the kernel takes runs as fused chunks (engine/runner.py,
+    split_causal): three sequences, one with cached context, cut across chunk edges, logits
+    rows asked out of order. Oracle: the same forward in one fused call (a larger max_rows),
+    which must agree bit for bit (a row never depends on the rows beside it), KV cache too;
+    and the torch fp32 path within bf16's error."""
+    from engine import runner as runner_mod
+
+    d = random_llama_dir(str(tmp_path), hidden=96, heads=6, kv_heads=2, layers=2, tie=False)
+    r, ref = ModelRunner(d, "bfloat16"), ModelRunner(d, "float32")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 319, (90,), generator=g).tolist()
+    tables = [[3, 9, 1, 14, 6, 11, 0, 8], [2, 13, 5, 7, 12, 4, 10, 15], [16, 17, 18, 19, 20, 21, 22, 23]]
+    first = [SeqInput(ids[:5], list(range(5)), tables[0], 0)]
+    batch = [SeqInput(ids[5:22], list(range(5, 22)), tables[0], 5, logits_rows=[16, 3, 0]),
+             SeqInput(ids[30:53], list(range(23)), tables[1], 0),
+             SeqInput(ids[60:71], list(range(11)), tables[2], 0, logits_rows=list(range(11)))]
+    n = sum(len(s.token_ids) for s in batch)
+    inp = build_model_input(batch, 4)
+    pieces = runner_mod.split_causal(inp, 13)
+    assert len(pieces) == -(-n // 13) and sum(len(c.input_ids) for c, _ in pieces) == n
+    assert n <= runner_mod.PREFILL_CHUNKS * 13  # so 13-row chunks, not the torch path
+    outs, caches = [], []
+    for max_rows in (13, n):  # chunked, then one call
+        r.fused.max_rows = max_rows
+        r.allocate_kv(24, 4)
+        run(r, first)
+        outs.append(r.execute(inp))
+        caches.append(r.kv_cache.clone())
+    a, b = outs
+    assert a.argmax is not None and b.argmax is not None  # both fused
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden) and a.argmax == b.argmax
+    assert torch.equal(caches[0], caches[1])
+    ref.allocate_kv(24, 4)
+    run(ref, first)
+    want = ref.execute(inp)
+    assert a.logits.shape == want.logits.shape and len(a.logits) == 15
+    assert (a.logits - want.logits).abs().max().item() <= 0.03 * want.logits.abs().max().item()
+    assert (a.hidden.float() - want.hidden).abs().max().item() <= 0.05 * want.hidden.abs().max().item()
+
+
 def test_fused_only_where_it_applies(tmp_path, monkeypatch):
     d = random_llama_dir(str(tmp_path), layers=1)
     assert ModelRunner(d, "float32").fused is None  # fp32 keeps the torch path
@@ -158,9 +199,13 @@ def test_fused_only_where_it_applies(tmp_path, monkeypatch):
     monkeypatch.delenv("TREESPEC_CPU_KERNEL")
     r = ModelRunner(d, "bfloat16")
     assert isinstance(r.fused, FusedModel)
-    # rows past max_rows (a long prefill chunk) take the torch path; 40 rows run fused on AMX
-    # tiles (two passes over the weights: 32 rows, then 8); all agree with small chunks
-    table, n = list(range(80)), r.fused.max_rows + 8
+    # rows past PREFILL_CHUNKS * max_rows (a long prefill) take the torch path, fewer run
+    # fused (in chunks past max_rows); 40 rows run fused on AMX tiles (two passes over the
+    # weights: 32 rows, then 8); all agree with small chunks
+    from engine.runner import PREFILL_CHUNKS
+
+    r.fused.max_rows = 16
+    table, n = list(range(80)), PREFILL_CHUNKS * r.fused.max_rows + 8
     ids = [(7 * i) % 300 + 1 for i in range(n)]
     r.allocate_kv(80, 4)
     long = run(r, [SeqInput(ids, list(range(n)), table, 0, logits_rows=[n - 1, 39])]).logits
