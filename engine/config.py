@@ -206,7 +206,9 @@ def auto_tree_budget(device: str = "cpu") -> int:
     verifying them costs about one step). On a CPU it is what verifying extra rows costs:
     with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.15x a one-token
     step and 8-node trees gave both drafters their best speedup; with AVX512-BF16 dot
-    products alone 9 tokens cost ~1.5x and 5 nodes was best; with the AVX2 build (fp32
+    products alone (an AMD Zen 4) up to ~10 rows cost about one, each row past that ~1 ms,
+    and 4 nodes (plus the lookup chain) was best on average over three runs of 4, 5 and 6
+    (EAGLE 1.83x / 1.80x / 1.76x, Medusa 1.61x / 1.58x / 1.51x); with the AVX2 build (fp32
     multiply-adds, kernels/cpu_fused_avx2.h) on an AMD Zen 3, 2 nodes (plus the lookup
     chain) beat 3 in three same-process runs of four and tied once, and 3 beat 4, 5 and 8
     (bench/speculative.py, docs/benchmarks.md)."""
@@ -215,5 +217,5 @@ def auto_tree_budget(device: str = "cpu") -> int:
     from kernels import cpu_fused
 
     if cpu_fused.isa() == "avx512":
-        return 8 if cpu_fused.has_amx() else 5
+        return 8 if cpu_fused.has_amx() else 4
     return 2
