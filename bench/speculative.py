@@ -10,7 +10,8 @@ the final JSON line with tokens/s, tau and speedup over speculation-off per
 budget (``by_budget``) and at each drafter's best budget (``eagle_speedup``,
 ``medusa_speedup``). Uses the shipped drafters (assets/) with the engine's prompt-lookup
 chain (``--lookup N``; ``--lookup-off-too`` also runs each drafter without it, as
-``eagle_nolookup`` / ``medusa_nolookup``); --draft random measures the machinery alone. ``--plot PNG`` draws speedup and tau by budget and
+``eagle_nolookup`` / ``medusa_nolookup``, and ``--lookup-also 3,4`` with other lengths);
+--draft random measures the machinery alone. ``--plot PNG`` draws speedup and tau by budget and
 where each step's time goes; ``--from-json FILE --plot PNG`` redraws a saved run.
 """
 from __future__ import annotations
@@ -121,6 +122,9 @@ def main():
                     help="prompt-lookup tokens merged into each tree (default: the engine's, 6; 0: off)")
     ap.add_argument("--lookup-off-too", action="store_true",
                     help="also run each drafter without lookup, reported as eagle_nolookup / medusa_nolookup")
+    ap.add_argument("--lookup-also", default="",
+                    help="comma list of other lookup lengths to run each drafter with, in the same process, "
+                         "reported as eagle_lookupN / medusa_lookupN")
     args = ap.parse_args()
     if args.from_json:
         if not args.plot:
@@ -157,6 +161,10 @@ def main():
         variants += [(f"{k}_bf16", k, False, lookup) for k in ("eagle", "medusa")]
     if args.lookup_off_too:
         variants += [(f"{k}_nolookup", k, args.draft_int8 != "off", 0) for k in ("eagle", "medusa")]
+    for n in (int(x) for x in args.lookup_also.split(",") if x.strip()):
+        if n < 0:
+            ap.error("--lookup-also lengths must be >= 0")
+        variants += [(f"{k}_lookup{n}", k, args.draft_int8 != "off", n) for k in ("eagle", "medusa")]
     engines = {}
     for name, kind, int8, look, budget in [("off", "off", False, 0, 0)] + [v + (b,) for b in budgets for v in variants]:
         cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,

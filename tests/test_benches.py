@@ -17,12 +17,13 @@ def run_bench(*argv) -> dict:
 def test_speculative_bench_shape(tmp_path):
     png = tmp_path / "spec.png"
     res = run_bench("bench/speculative.py", "--draft", "random", "--prompts", "2", "--max-tokens", "6",
-                    "--tree-budget", "2,4", "--draft-int8", "both", "--plot", str(png))
+                    "--tree-budget", "2,4", "--draft-int8", "both", "--lookup-also", "0", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["bench"] == "speculative" and res["prompts"] == 2
     assert set(res["by_budget"]) == {"2", "4"}
     for budget, modes in res["by_budget"].items():
-        assert set(modes) == {"eagle", "medusa", "eagle_bf16", "medusa_bf16"}  # --draft-int8 both
+        # --draft-int8 both, --lookup-also 0
+        assert set(modes) == {"eagle", "medusa", "eagle_bf16", "medusa_bf16", "eagle_lookup0", "medusa_lookup0"}
         for kind in modes:
             m = modes[kind]
             # tau counts the bonus token: every verification commits at least one token,
