@@ -199,16 +199,19 @@ def test_fused_only_where_it_applies(tmp_path, monkeypatch):
     monkeypatch.delenv("TREESPEC_CPU_KERNEL")
     r = ModelRunner(d, "bfloat16")
     assert isinstance(r.fused, FusedModel)
-    # rows past PREFILL_CHUNKS * max_rows (a long prefill) take the torch path, fewer run
-    # fused (in chunks past max_rows); 40 rows run fused on AMX tiles (two passes over the
-    # weights: 32 rows, then 8); all agree with small chunks
+    # rows past PREFILL_CHUNKS * max_rows (a long prefill; max_rows lowered to 16 for it so
+    # the cache stays small) take the torch path; 40 rows run fused on AMX tiles (two passes
+    # over the weights: 32 rows, then 8), in 32-row chunks on AVX512-BF16 alone; all agree
+    # with small chunks
     from engine.runner import PREFILL_CHUNKS
 
-    r.fused.max_rows = 16
-    table, n = list(range(80)), PREFILL_CHUNKS * r.fused.max_rows + 8
+    max_rows, r.fused.max_rows = r.fused.max_rows, 16
+    table, n = list(range(80)), PREFILL_CHUNKS * 16 + 8
     ids = [(7 * i) % 300 + 1 for i in range(n)]
     r.allocate_kv(80, 4)
-    long = run(r, [SeqInput(ids, list(range(n)), table, 0, logits_rows=[n - 1, 39])]).logits
+    out = run(r, [SeqInput(ids, list(range(n)), table, 0, logits_rows=[n - 1, 39])])
+    assert out.argmax is None  # the torch path gives no argmax
+    long, r.fused.max_rows = out.logits, max_rows
     r.allocate_kv(80, 4)
     mid = run(r, [SeqInput(ids[:40], list(range(40)), table, 0, logits_rows=[39])]).logits
     r.allocate_kv(80, 4)
