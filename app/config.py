@@ -31,7 +31,7 @@ class AppConfig:
     # the router picks 0..tree_budget
     draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 4096 on CPU, all on GPU; 0: all)
     draft_min_prob: float | None = None  # EAGLE: no deeper drafting below this path probability (None: 0.2 CPU, 0 GPU)
-    draft_int8: bool = True  # CPU drafters keep int8 weights on AMX-INT8 or AVX2 (output unchanged)
+    draft_int8: bool = True  # CPU drafters keep int8 weights on AMX-INT8, AVX512-VNNI or AVX2 (output unchanged)
     lookup_tokens: int = 6  # prompt-lookup chain merged into each draft tree (0: off; engine/lookup.py)
     max_num_seqs: int = 16
     max_model_len: int = 2048

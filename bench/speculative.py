@@ -116,7 +116,7 @@ def main():
     ap.add_argument("--draft-min-prob", type=float, default=None,
                     help="EAGLE's cost-aware stop (default: the server's CPU default; 0: exact EAGLE-2 search)")
     ap.add_argument("--draft-int8", default="on", choices=["on", "off", "both"],
-                    help="int8 drafter weights where the CPU has AMX-INT8 (on: the engine default); both: "
+                    help="int8 drafter weights where the CPU has AMX-INT8 or AVX512-VNNI, or the AVX2 build (on: the engine default); both: "
                          "also run the drafters on bf16 weights, reported as eagle_bf16 / medusa_bf16")
     ap.add_argument("--lookup", type=int, default=None,
                     help="prompt-lookup tokens merged into each tree (default: the engine's, 6; 0: off)")

@@ -98,7 +98,8 @@ class EngineConfig:
         still enter the tree). Where a draft depth costs a few percent of a target step
         (CPU), a low-probability depth cannot pay for its forward (``auto_draft_min_prob``).
     draft_int8: the fused CPU drafters (engine/fused.py) keep int8 weights where the CPU has
-        AMX-INT8 or runs the AVX2 build of the kernel: a draft call streams half the bytes.
+        AMX-INT8 or AVX512-VNNI, or runs the AVX2 build of the kernel: a draft call streams
+        half the bytes.
         Drafts only rank candidates and verification against the target keeps the output
         exact, so only tau can change.
     lookup_tokens: while speculating, also verify up to this many tokens that followed the

@@ -11,8 +11,8 @@ torch path, where oneDNN's GEMMs are compute-bound and faster.
 keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);
 ``FusedModel.for_eagle(...)`` packs an EAGLE drafter with its draft head and
 ``FusedMedusa.for_medusa(...)`` Medusa's heads, both with int8 weights where the CPU has
-AMX-INT8 or in the AVX2 build (``EngineConfig.draft_int8``): a drafter call is bound by
-its weight bytes.
+AMX-INT8 or AVX512-VNNI, or in the AVX2 build (``EngineConfig.draft_int8``): a drafter
+call is bound by its weight bytes.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.round().clamp(-127, 127).to(torch.int8), scale
 
 
-PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS, PACK_PANELS_INT8 = 0, 1, 2, 3, 4  # Share.amx (cpu_fused.c)
+PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS, PACK_PANELS_INT8, PACK_ROWS_INT8 = 0, 1, 2, 3, 4, 5  # Share.amx
 
 # Row order inside a 16-row panel (kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
 # 2i + 1 row 8 + i, so one load's low halves of each dword are rows 0-7, high halves 8-15.
@@ -215,7 +215,9 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
     and tile-packed for gemv_amx (the choice is per matrix, never per call, so a row's
     result never depends on the rows beside it); int8[m] (with amx): matrix m, if it fits int8
     tiles, is quantized per row and packed for gemv_amx_i8, their fp32 row scales after
-    the share's weights (a drafter's option: kernels/cpu_fused.c); panels (the AVX2 build,
+    the share's weights (a drafter's option: kernels/cpu_fused.c); without amx, an int8[m]
+    matrix with columns % 64 is quantized the same way and kept row-major for gemv_vnni_i8
+    (AVX512-VNNI), its fp32 row scales and then int32 row sums after the weights; panels (the AVX2 build,
     kernels/cpu_fused_avx2.h): every matrix split on multiples of 16 rows and packed as
     16-row panels, each segment padded to whole panels, int8[m] ones quantized per row
     (their padded scales after the share's panels). Returns (arena tensors,
@@ -236,6 +238,8 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
             kind = PACK_TILES_INT8
         elif amx and fits_tiles(w, pair):
             kind = PACK_TILES
+        elif not amx and int8 and int8[m] and k % 64 == 0:
+            kind = PACK_ROWS_INT8
         in_panels = kind in (PACK_PANELS, PACK_PANELS_INT8)
         b = split(half, 16 if in_panels else 4 if kind == PACK_ROWS else 32)
         per = []
@@ -243,7 +247,7 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
             rows = sum((h - l + 15) // 16 * 16 if in_panels else h - l for l, h in segs)
-            sizes[t] += rows * (k + 4) if kind in (PACK_TILES_INT8, PACK_PANELS_INT8) else rows * k * 2
+            sizes[t] += rows * {PACK_TILES_INT8: k + 4, PACK_PANELS_INT8: k + 4, PACK_ROWS_INT8: k + 8}.get(kind, 2 * k)
         plan.append((kind, per))
     arenas, raw = [], []
     for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
@@ -265,9 +269,14 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
         for m, ((w, _), (kind, per)) in enumerate(zip(mats, plan)):
             for t, segs in enumerate(per):
                 row = [arenas[t].data_ptr() + offsets[t]]
-                scales = []
+                scales, sums = [], []
                 for lo, hi in segs:
-                    if kind == PACK_TILES_INT8:
+                    if kind == PACK_ROWS_INT8:
+                        q, sc = quantize_rows(w[lo:hi])
+                        put(t, q)
+                        scales.append(sc)
+                        sums.append(q.sum(1, dtype=torch.int32))
+                    elif kind == PACK_TILES_INT8:
                         q, sc = quantize_rows(w[lo:hi])
                         put(t, _tile_pack(q))
                         scales.append(sc)
@@ -279,7 +288,7 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
                         seg = w[lo:hi].to(torch.bfloat16)
                         put(t, {PACK_TILES: _tile_pack, PACK_PANELS: _panel_pack}.get(kind, lambda x: x)(seg))
                     row += [lo, hi - lo]
-                for sc in scales:  # after the share's weights, where gemv_share looks
+                for sc in scales + sums:  # after the share's weights, where gemv_share looks
                     put(t, sc)
                 row += [0, 0] * (2 - len(segs)) + [kind]
                 shares[m * threads + t] = torch.tensor(row, dtype=torch.int64)
@@ -296,7 +305,7 @@ class _Packed:
                                                           panels=cpu_fused.isa() == "avx2")
         kinds = self.shares[:, 5]
         self.amx = bool(((kinds == PACK_TILES) | (kinds == PACK_TILES_INT8)).any())  # some matrix runs on AMX tiles
-        self.int8 = bool(((kinds == PACK_TILES_INT8) | (kinds == PACK_PANELS_INT8)).any())
+        self.int8 = bool(((kinds == PACK_TILES_INT8) | (kinds == PACK_PANELS_INT8) | (kinds == PACK_ROWS_INT8)).any())
         self.panels = bool(((kinds == PACK_PANELS) | (kinds == PACK_PANELS_INT8)).any())  # the AVX2 build
 
     def __del__(self):
@@ -366,7 +375,7 @@ class FusedModel(_Packed):
     def for_eagle(cls, model, head_weight: torch.Tensor, threads: int | None = None,
                   int8: bool = False, embed: torch.Tensor | None = None) -> "FusedModel | None":
         """An EagleModel (engine/drafters/eagle.py) with its draft head's rows, or None.
-        int8: int8 weights on AMX-INT8 or in the AVX2 build (``pack_arenas``); embed: the target's
+        int8: int8 weights on AMX-INT8 or AVX512-VNNI or in the AVX2 build (``pack_arenas``); embed: the target's
         bf16 embedding [V, H] (kept by reference), for ``run(ids=, feats=)``."""
         c = model.cfg
         if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
@@ -505,7 +514,7 @@ class FusedMedusa(_Packed):
     def for_medusa(cls, model, head_weight: torch.Tensor, threads: int | None = None,
                    int8: bool = False) -> "FusedMedusa | None":
         """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None.
-        int8: int8 weights on AMX-INT8 or in the AVX2 build (``pack_arenas``)."""
+        int8: int8 weights on AMX-INT8 or AVX512-VNNI or in the AVX2 build (``pack_arenas``)."""
         if fused_disabled_reason(model.heads[0][0].linear.weight):
             return None
         return cls(threads or torch.get_num_threads(), model, head_weight, int8)

@@ -73,7 +73,8 @@ static inline float bf16_to_f32(bf16 v) {
  * both segments). */
 typedef struct { uint64_t ptr, out0, n0, out1, n1, amx; } Share;
 
-enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2, PACK_PANELS = 3, PACK_PANELS_INT8 = 4 };  /* Share.amx */
+enum { PACK_ROWS = 0, PACK_TILES = 1, PACK_TILES_INT8 = 2, PACK_PANELS = 3, PACK_PANELS_INT8 = 4,
+       PACK_ROWS_INT8 = 5 };  /* Share.amx */
 
 /* Inserts row[i + l], for each set bit l of lanes, into top/at (the k best so far, sorted,
  * best first, ties: the lower index) where it beats the k-th: rare after a row's first
@@ -373,6 +374,71 @@ static void gemv_amx_i8(const int8_t* W, const float* sw, int nrows, int K, cons
     }
 }
 
+/* ---- int8 weights without AMX: AVX512-VNNI (a drafter's option) -----------------------
+ *
+ * The same W8A8 product as gemv_amx_i8 for AVX-512 CPUs without tiles (AMD Zen 4,
+ * Cascade/Cooper Lake): VPDPBUSD multiplies unsigned by signed bytes, so the quantized
+ * input is offset to xu = xq + 128 (an XOR of the sign bit) and each row's sum of weights
+ * taken back out: sum_k xu[k] w[k] - 128 sum_k w[k] = sum_k xq[k] w[k], the same exact
+ * int32 as TDPBSSD's, so a drafter drafts the same trees on either. Weights row-major
+ * like PACK_ROWS (int8), then the rows' fp32 scales, then their int32 sums. Half the
+ * bytes of bf16 rows and a quarter of the multiply instructions (64 products each). */
+
+/* acc[i][j] over all of K for R weight rows x MC input rows; R, MC constants after inlining. */
+static inline __attribute__((always_inline, target("avx512vnni"))) void dot_tile_i8(
+    const int8_t* W, const float* sw, const int32_t* wsum, int K, const uint8_t* X, const float* sx,
+    float* Y, int ldy, const int R, const int MC) {
+    __m512i acc[4][6];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MC; j++) acc[i][j] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 64) {
+        __m512i w[4];
+        for (int i = 0; i < R; i++) {
+            w[i] = _mm512_loadu_si512(W + (size_t)i * K + k);
+            _mm_prefetch((const char*)(W + (size_t)i * K + k + 2 * PF_ELEMS), _MM_HINT_T1);
+        }
+        for (int j = 0; j < MC; j++) {
+            const __m512i x = _mm512_loadu_si512(X + (size_t)j * K + k);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x, w[i]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MC; j++) {
+            const int32_t dot = _mm512_reduce_add_epi32(acc[i][j]) - 128 * wsum[i];
+            Y[(size_t)j * ldy + i] = ((float)dot * sx[j]) * sw[i];  /* gemv_amx_i8's order */
+        }
+}
+
+#define TILE_I8_CASES(R)                                                              \
+    switch (mc) {                                                                     \
+        case 1: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 1); break;              \
+        case 2: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 2); break;              \
+        case 3: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 3); break;              \
+        case 4: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 4); break;              \
+        case 5: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 5); break;              \
+        default: dot_tile_i8(W, sw, wsum, K, X, sx, Y, ldy, R, 6); break;             \
+    }
+
+__attribute__((target("avx512vnni"))) static void tile4_i8(const int8_t* W, const float* sw, const int32_t* wsum,
+        int K, const uint8_t* X, const float* sx, float* Y, int ldy, int mc) { TILE_I8_CASES(4) }
+__attribute__((target("avx512vnni"))) static void tile1_i8(const int8_t* W, const float* sw, const int32_t* wsum,
+        int K, const uint8_t* X, const float* sx, float* Y, int ldy, int mc) { TILE_I8_CASES(1) }
+
+/* Y[m * ldy + r] = (acc * sx[m]) * sw[r] as gemv_amx_i8, X the offset inputs xq + 128
+ * [M, K] (row stride K); K % 64 == 0. */
+static void gemv_vnni_i8(const int8_t* W, const float* sw, const int32_t* wsum, int nrows, int K,
+                         const uint8_t* X, const float* sx, int M, float* Y, int ldy) {
+    int r = 0;
+    for (; r + 4 <= nrows; r += 4)
+        for (int m = 0; m < M; m += 6)
+            tile4_i8(W + (size_t)r * K, sw + r, wsum + r, K, X + (size_t)m * K, sx + m, Y + (size_t)m * ldy + r, ldy,
+                     M - m);
+    for (; r < nrows; r++)
+        for (int m = 0; m < M; m += 6)
+            tile1_i8(W + (size_t)r * K, sw + r, wsum + r, K, X + (size_t)m * K, sx + m, Y + (size_t)m * ldy + r, ldy,
+                     M - m);
+}
+
 /* Where this thread quantizes an int8 share's GEMV input: scales [M] then int8 [M, K],
  * set by each forward for its call from its scratch (xq_bytes per thread). Each thread
  * quantizes the whole input for its own share: a few rows, cheaper than a barrier. */
@@ -393,6 +459,22 @@ static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, flo
         const float* sw = (const float*)(W + (size_t)(s->n0 + s->n1) * K);
         gemv_amx_i8(W, sw, (int)s->n0, K, xq_buf, xq_scale, M, Y + s->out0, ldy);
         if (s->n1) gemv_amx_i8(W + (size_t)s->n0 * K, sw + s->n0, (int)s->n1, K, xq_buf, xq_scale, M, Y + s->out1, ldy);
+        return;
+    }
+    if (s->amx == PACK_ROWS_INT8) {  /* int8 rows of both segments, their scales, their sums */
+        quantize_rows(X, ldx, M, K, xq_buf, xq_scale);
+        const __m512i sign = _mm512_set1_epi8((char)0x80);
+        for (size_t i = 0; i < (size_t)M * K; i += 64)  /* K % 64 == 0 */
+            _mm512_storeu_si512(xq_buf + i, _mm512_xor_si512(_mm512_loadu_si512(xq_buf + i), sign));
+        const int8_t* W = (const int8_t*)(uintptr_t)s->ptr;
+        const size_t rows = s->n0 + s->n1;
+        const float* sw = (const float*)(W + rows * K);
+        const int32_t* wsum = (const int32_t*)(sw + rows);
+        const uint8_t* xu = (const uint8_t*)xq_buf;
+        gemv_vnni_i8(W, sw, wsum, (int)s->n0, K, xu, xq_scale, M, Y + s->out0, ldy);
+        if (s->n1)
+            gemv_vnni_i8(W + (size_t)s->n0 * K, sw + s->n0, wsum + s->n0, (int)s->n1, K, xu, xq_scale, M,
+                         Y + s->out1, ldy);
         return;
     }
     const bf16* W = (const bf16*)(uintptr_t)s->ptr;

@@ -143,7 +143,11 @@ def use_amx(lib: ctypes.CDLL) -> bool:
 
 def int8_weights(lib: ctypes.CDLL) -> bool:
     """Whether a drafter can keep int8 weights here (engine/fused.py): on AMX-INT8 tiles
-    (``use_amx_int8``), or in the AVX2 build, which widens int8 panels to fp32 in registers."""
+    (``use_amx_int8``), with AVX512-VNNI byte dot products where the AVX-512 build runs
+    without tiles (gemv_vnni_i8), or in the AVX2 build, which widens int8 panels to fp32 in
+    registers."""
+    if isa() == "avx512" and not use_amx(lib):
+        return "avx512_vnni" in cpu_flags()
     return use_amx_int8(lib) or isa() == "avx2"
 
 

@@ -24,8 +24,8 @@ HAS_AMX = has_amx()
 
 
 def int8_available() -> bool:
-    """int8 drafter weights run here: AMX-INT8 tiles in use (not TREESPEC_CPU_AMX=0), or the
-    AVX2 build (int8 panels)."""
+    """int8 drafter weights run here: AMX-INT8 tiles in use (not TREESPEC_CPU_AMX=0),
+    AVX512-VNNI without tiles (int8 rows), or the AVX2 build (int8 panels)."""
     from engine.fused import build_dir
     from kernels import cpu_fused
 
@@ -249,13 +249,13 @@ def test_bf16_speculation_equals_plain_greedy(default_dir, tokenizer, chat_promp
 def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts, int8):
     """The fused EAGLE drafter (one C call per depth, its KV cache growing past its first
     allocation) predicts the same features and trees as the torch drafter on the same weights;
-    with int8 weights (the CPU default where AMX-INT8 is) nearly the same."""
+    with int8 weights (the CPU default where AMX-INT8 or AVX512-VNNI is) nearly the same."""
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
     from engine.executor import InProcessExecutor
 
     if int8 and not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
     cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
@@ -417,13 +417,13 @@ def test_eagle_input_rows_gathered_by_the_kernel_equal_torch_cat(default_dir):
 def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     """The fused Medusa heads (blocks and draft head in one C call, several requests at
     once) give the torch heads' logits and the same per-step trees; with int8 weights (the
-    CPU default where AMX-INT8 is) nearly the same."""
+    CPU default where AMX-INT8 or AVX512-VNNI is) nearly the same."""
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
     from engine.executor import InProcessExecutor
 
     if int8 and not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
     cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5, draft_int8=int8)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
@@ -439,8 +439,14 @@ def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     with torch.inference_mode():  # x is an inference tensor; the heads' weights require grad
         ref = eager.head.logits(eager.model(x).transpose(0, 1).reshape(-1, x.shape[1])).float()  # [B * K, Vd]
     assert logits.shape == ref.shape == (3 * k_heads, fused.head.weight.shape[0])
-    assert (logits - ref).abs().max().item() <= (0.06 if int8 else 0.03) * ref.abs().max().item()
-    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    err = (logits - ref).abs().max().item()
+    assert err <= (0.06 if int8 else 0.03) * ref.abs().max().item()
+    # Where the top token differs it is a near-tie of the reference's, within twice the error
+    # (what any |logits - ref| <= err allows); int8 flips more of the deep heads' near-ties
+    # (2 of these 12 rows on a Zen 4 with AVX512-VNNI).
+    picked = ref.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+    assert (picked >= ref.max(-1).values - 2 * err).all()
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= (0.75 if int8 else 0.9)
     shared = 0
     for i in range(8):  # per-step trees from the features of the prompt's last 8 tokens
         for d in (fused, eager):
@@ -481,32 +487,37 @@ def test_topk_logprobs_matches_torch():
 
 def test_int8_gemv_is_the_quantized_product_exactly():
     """The int8 GEMV of a drafter's weights computes exactly the product it documents.
-    On AMX (gemv_amx_i8): W8A8 against integer arithmetic in float64: per-row int8 weights
-    and inputs (round half to even), int32 sums, then (acc * sx) * sw, bit for bit. In the
+    On AMX (gemv_amx_i8) and with AVX512-VNNI (gemv_vnni_i8, where there are no tiles):
+    W8A8 against integer arithmetic in float64: per-row int8 weights and inputs (round half
+    to even), int32 sums, then (acc * sx) * sw, bit for bit. In the
     AVX2 build (gemv_panels_i8): int8 weights times the fp32 input, then * sw, equal to
     float64 within fp32 rounding. For single and paired (gate/up) matrices, one to 33 rows
     (both A tiles; several 3-row panel passes), several thread splits, and a zero input
     row; AVX2 also with rows that end in a padded panel. Either's error against the bf16
     product stays at int8's ~1%."""
-    from engine.fused import PACK_PANELS_INT8, PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
+    from engine.fused import PACK_PANELS_INT8, PACK_ROWS_INT8, PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
     from kernels import cpu_fused
 
     if not int8_available():
-        pytest.skip("int8 drafter weights need AMX-INT8 tiles or the AVX2 build")
+        pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
     lib = cpu_fused.load(build_dir())
     avx2 = cpu_fused.isa() == "avx2"
+    amx = cpu_fused.use_amx(lib)
+    kind = PACK_PANELS_INT8 if avx2 else PACK_TILES_INT8 if amx else PACK_ROWS_INT8
     g = torch.Generator().manual_seed(5)
     sizes = [(96, 576, False), (3072, 576, True), (576, 1536, False), (8192, 576, False)]
     if avx2:
         sizes += [(100, 576, False), (200, 576, True)]  # 100 rows: a padded last panel (per half)
+    if kind == PACK_ROWS_INT8:
+        sizes += [(102, 1152, False), (206, 576, True)]  # rows past the last 4-row tile (per thread)
     for n, k, pair in sizes:
         w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
         q, sw = quantize_rows(w)
         assert (q.float() * sw[:, None] - w.float()).abs().max() <= sw.max() / 2 + 1e-6
-        arenas, raw, shares = pack_arenas(lib, 2, [(w, pair)], amx=not avx2, int8=[True], panels=avx2)
+        arenas, raw, shares = pack_arenas(lib, 2, [(w, pair)], amx=amx, int8=[True], panels=avx2)
         try:
-            assert (shares[:, 5] == (PACK_PANELS_INT8 if avx2 else PACK_TILES_INT8)).all()
-            for m in (1, 5, 17, 33):
+            assert (shares[:, 5] == kind).all()
+            for m in (1, 5, 7, 17, 33):
                 x = torch.randn(m, k, generator=g).to(torch.bfloat16)
                 if m > 1:
                     x[m // 2] = 0.0  # a zero row: scale 0, outputs 0
