@@ -1,4 +1,4 @@
-"""bench/speculative.py and bench/decode.py: tiny bounded runs print the documented final JSON line."""
+"""The benches in bench/: tiny bounded runs print the documented final JSON line."""
 import json
 import os
 import subprocess
@@ -61,3 +61,16 @@ def test_verify_rows_bench_shape():
     assert res["bench"] == "verify_rows" and set(res["ms"]) == {"1", "3"}
     assert res["ratio_to_one_row"]["1"] == 1.0 and all(ms > 0 for ms in res["ms"].values())
     assert abs(res["ratio_to_one_row"]["3"] - res["ms"]["3"] / res["ms"]["1"]) < 0.01
+
+
+def test_prefill_bench_shape():
+    res = run_bench("bench/prefill.py", "--lengths", "8,24", "--repeats", "1")
+    assert res["bench"] == "prefill" and set(res["ratio"]) == {"8", "24"}
+    assert {"engine", "hf"} <= set(res["ms"]) and all(ms > 0 for per in res["ms"].values() for ms in per.values())
+    assert abs(res["ratio"]["24"] - res["ms"]["hf"]["24"] / res["ms"]["engine"]["24"]) < 0.01
+
+
+def test_prefill_bench_rejects_bad_lengths():
+    out = subprocess.run([sys.executable, "bench/prefill.py", "--lengths", "8,x"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode != 0 and "error: --lengths" in out.stderr and "Traceback" not in out.stderr
