@@ -241,7 +241,7 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
         elif not amx and int8 and int8[m] and k % 64 == 0:
             kind = PACK_ROWS_INT8
         in_panels = kind in (PACK_PANELS, PACK_PANELS_INT8)
-        b = split(half, 16 if in_panels else 4 if kind == PACK_ROWS else 32)
+        b = split(half, 16 if in_panels else 4 if kind in (PACK_ROWS, PACK_ROWS_INT8) else 32)
         per = []
         for t in range(threads):
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
