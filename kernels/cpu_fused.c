@@ -376,7 +376,7 @@ static void gemv_amx_i8(const int8_t* W, const float* sw, int nrows, int K, cons
 
 /* ---- int8 weights without AMX: AVX512-VNNI (a drafter's option) -----------------------
  *
- * The same W8A8 product as gemv_amx_i8 for AVX-512 CPUs without tiles (AMD Zen 4,
+ * The same W8A8 product as gemv_amx_i8 for AVX-512 CPUs without tiles (AMD Zen 4 and 5,
  * Cascade/Cooper Lake): VPDPBUSD multiplies unsigned by signed bytes, so the quantized
  * input is offset to xu = xq + 128 (an XOR of the sign bit) and each row's sum of weights
  * taken back out: sum_k xu[k] w[k] - 128 sum_k w[k] = sum_k xq[k] w[k], the same exact
