@@ -582,6 +582,44 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
+/* qk_scores with the keys in lanes (D % 32 == 0): per 16 keys, each 32-dim chunk of them is
+ * transposed (transpose16: row p = dim pair p of the 16 keys), so a query's 16 scores are one
+ * chain of D / 2 pair products against its broadcast dim pairs, with no horizontal sums;
+ * queries go 8 at a time (8 independent chains). The chain continues across chunks through
+ * sc (fp32 stores and loads are exact). Writes up to 16 columns past n (the caller's ld leaves
+ * room). A score is one chain over D in a fixed order whatever keys and queries share the
+ * call, so tree rows stay bit-identical to decoding. */
+static void qk_scores_t(const bf16* q, int G, const bf16* kbase, const int64_t* ks, int64_t stride, int n, int D,
+                        float scale, float* sc, int ld) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int i = 0; i < n; i += 16) {
+        const int nk = n - i < 16 ? n - i : 16;
+        for (int c2 = i + KV_AHEAD; c2 < i + KV_AHEAD + 16 && c2 < n; c2++)
+            for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c2] * stride + d), _MM_HINT_T0);
+        for (int d0 = 0; d0 < D; d0 += 32) {
+            const int first = d0 == 0, last = d0 + 32 >= D;
+            __m512i kt[16];
+            for (int c = 0; c < 16; c++)
+                kt[c] = c < nk ? _mm512_loadu_si512(kbase + ks[i + c] * stride + d0) : _mm512_setzero_si512();
+            transpose16(kt);
+            for (int j0 = 0; j0 < G; j0 += 8) {
+                const int nq = G - j0 < 8 ? G - j0 : 8;
+                __m512 acc[8];
+                for (int j = 0; j < 8; j++)
+                    acc[j] = j < nq && !first ? _mm512_loadu_ps(sc + (size_t)(j0 + j) * ld + i) : _mm512_setzero_ps();
+                for (int p = 0; p < 16; p++)
+                    for (int j = 0; j < 8; j++)
+                        if (j < nq) {
+                            const int32_t pair = ((const int32_t*)(q + (size_t)(j0 + j) * D + d0))[p];
+                            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32(pair));
+                        }
+                for (int j = 0; j < nq; j++)
+                    _mm512_storeu_ps(sc + (size_t)(j0 + j) * ld + i, last ? _mm512_mul_ps(acc[j], sv) : acc[j]);
+            }
+        }
+    }
+}
+
 /* qk_scores on AMX tiles (D % 32 == 0, D <= 256): queries are the A operand, 16 keys at a
  * time the B operand (their rows transposed into the pair-interleaved layout), so each
  * tile of scores lands in sc directly; writes up to 16 columns past n (the caller's ld
@@ -977,6 +1015,7 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
     void (*qk)(const bf16*, int, const bf16*, const int64_t*, int64_t, int, int, float, float*, int) = qk_scores;
 #if FUSED_AVX512
     if (mdl->amx_attention) qk = qk_scores_amx;
+    else if (D % 32 == 0) qk = qk_scores_t;
 #endif
     const int XB = H > NH * D ? H : NH * D;
 
