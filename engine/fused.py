@@ -185,6 +185,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS, PACK_PANELS_INT8, PACK_ROWS_INT8 = 0, 1, 2, 3, 4, 5  # Share.amx
+_INT8_KINDS = (PACK_TILES_INT8, PACK_PANELS_INT8, PACK_ROWS_INT8)
 
 # Row order inside a 16-row panel (kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
 # 2i + 1 row 8 + i, so one load's low halves of each dword are rows 0-7, high halves 8-15.
@@ -205,6 +206,11 @@ def _panel_pack(w: torch.Tensor) -> torch.Tensor:
     if w.dtype != torch.int8:
         panels = panels[:, _PANEL_ORDER]
     return panels.transpose(1, 2).reshape(-1)
+
+
+# How each packing lays out a segment's rows (the int8 ones quantized per row first);
+# PACK_ROWS(_INT8) keep them in order.
+_LAYOUT = {PACK_TILES: _tile_pack, PACK_TILES_INT8: _tile_pack, PACK_PANELS: _panel_pack, PACK_PANELS_INT8: _panel_pack}
 
 
 def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
@@ -247,7 +253,8 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
             segs = [(b[t], b[t + 1]), (half + b[t], half + b[t + 1])] if pair else [(b[t], b[t + 1])]
             per.append(segs)
             rows = sum((h - l + 15) // 16 * 16 if in_panels else h - l for l, h in segs)
-            sizes[t] += rows * {PACK_TILES_INT8: k + 4, PACK_PANELS_INT8: k + 4, PACK_ROWS_INT8: k + 8}.get(kind, 2 * k)
+            # bf16: 2 bytes a weight; int8: 1, plus its row scale (fp32), plus in rows its sum (int32)
+            sizes[t] += rows * (2 * k if kind not in _INT8_KINDS else k + 8 if kind == PACK_ROWS_INT8 else k + 4)
         plan.append((kind, per))
     arenas, raw = [], []
     for t in range(threads):  # on huge pages; the caller frees `raw` with fused_free
@@ -271,22 +278,15 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
                 row = [arenas[t].data_ptr() + offsets[t]]
                 scales, sums = [], []
                 for lo, hi in segs:
-                    if kind == PACK_ROWS_INT8:
+                    layout = _LAYOUT.get(kind, lambda x: x)
+                    if kind in _INT8_KINDS:
                         q, sc = quantize_rows(w[lo:hi])
-                        put(t, q)
-                        scales.append(sc)
-                        sums.append(q.sum(1, dtype=torch.int32))
-                    elif kind == PACK_TILES_INT8:
-                        q, sc = quantize_rows(w[lo:hi])
-                        put(t, _tile_pack(q))
-                        scales.append(sc)
-                    elif kind == PACK_PANELS_INT8:
-                        q, sc = quantize_rows(w[lo:hi])
-                        put(t, _panel_pack(q))
-                        scales.append(_pad16(sc))
+                        put(t, layout(q))
+                        scales.append(_pad16(sc) if kind == PACK_PANELS_INT8 else sc)
+                        if kind == PACK_ROWS_INT8:
+                            sums.append(q.sum(1, dtype=torch.int32))
                     else:
-                        seg = w[lo:hi].to(torch.bfloat16)
-                        put(t, {PACK_TILES: _tile_pack, PACK_PANELS: _panel_pack}.get(kind, lambda x: x)(seg))
+                        put(t, layout(w[lo:hi].to(torch.bfloat16)))
                     row += [lo, hi - lo]
                 for sc in scales + sums:  # after the share's weights, where gemv_share looks
                     put(t, sc)
@@ -305,7 +305,7 @@ class _Packed:
                                                           panels=cpu_fused.isa() == "avx2")
         kinds = self.shares[:, 5]
         self.amx = bool(((kinds == PACK_TILES) | (kinds == PACK_TILES_INT8)).any())  # some matrix runs on AMX tiles
-        self.int8 = bool(((kinds == PACK_TILES_INT8) | (kinds == PACK_PANELS_INT8) | (kinds == PACK_ROWS_INT8)).any())
+        self.int8 = bool(torch.isin(kinds, torch.tensor(_INT8_KINDS)).any())
         self.panels = bool(((kinds == PACK_PANELS) | (kinds == PACK_PANELS_INT8)).any())  # the AVX2 build
 
     def __del__(self):

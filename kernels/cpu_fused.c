@@ -146,6 +146,15 @@ static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+/* reduce4 for int32 lanes: the four sums of a0..a3. */
+static inline __m128i reduce4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    __m256i h[4];
+    __m512i a[4] = {a0, a1, a2, a3};
+    for (int i = 0; i < 4; i++) h[i] = _mm256_add_epi32(_mm512_castsi512_si256(a[i]), _mm512_extracti64x4_epi64(a[i], 1));
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
 /* ---- GEMV: Y[m][r] = W[r] . X[m] for a few rows m ------------------------------------ */
 
 /* R weight rows x MC input rows, all of K; R and MC are constants after inlining, so
@@ -322,8 +331,10 @@ static void gemv_amx(const bf16* W, int nrows, int K, const bf16* X, int ldx, in
  * [16-row blocks, in pairs][K / 64][the pair's two blocks][16 k quads][16 rows][4], then
  * the rows' fp32 scales after the share's weights. */
 
-/* q[m * K + k] = rint(x[m * ldx + k] * 127 / amax_m), s[m] = amax_m / 127; K % 16 == 0. */
-static void quantize_rows(const bf16* X, int ldx, int M, int K, int8_t* q, float* s) {
+/* q[m * K + k] = rint(x[m * ldx + k] * 127 / amax_m) ^ flip, s[m] = amax_m / 127; K % 16 == 0.
+ * flip 0x80 stores xq + 128 as unsigned bytes (gemv_vnni_i8's input), 0 the int8 itself. */
+static void quantize_rows(const bf16* X, int ldx, int M, int K, int8_t* q, float* s, uint8_t flip) {
+    const __m128i fl = _mm_set1_epi8((char)flip);
     for (int m = 0; m < M; m++) {
         const bf16* x = X + (size_t)m * ldx;
         __m512 amax = _mm512_setzero_ps();
@@ -333,7 +344,8 @@ static void quantize_rows(const bf16* X, int ldx, int M, int K, int8_t* q, float
         s[m] = a / 127.0f;
         for (int k = 0; k < K; k += 16)
             _mm_storeu_si128((__m128i*)(q + (size_t)m * K + k),
-                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(0xffff, x + k), inv))));
+                             _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(
+                                 _mm512_mul_ps(load16_bf16(0xffff, x + k), inv))), fl));
     }
 }
 
@@ -378,7 +390,7 @@ static void gemv_amx_i8(const int8_t* W, const float* sw, int nrows, int K, cons
  *
  * The same W8A8 product as gemv_amx_i8 for AVX-512 CPUs without tiles (AMD Zen 4 and 5,
  * Cascade/Cooper Lake): VPDPBUSD multiplies unsigned by signed bytes, so the quantized
- * input is offset to xu = xq + 128 (an XOR of the sign bit) and each row's sum of weights
+ * input is offset to xu = xq + 128 (quantize_rows flips the sign bit) and each row's sum of weights
  * taken back out: sum_k xu[k] w[k] - 128 sum_k w[k] = sum_k xq[k] w[k], the same exact
  * int32 as TDPBSSD's, so a drafter drafts the same trees on either. Weights row-major
  * like PACK_ROWS (int8), then the rows' fp32 scales, then their int32 sums. Half the
@@ -407,11 +419,7 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void dot_tile
         const __m128i off = _mm_mullo_epi32(_mm_loadu_si128((const __m128i*)wsum), _mm_set1_epi32(128));
         const __m128 wsc = _mm_loadu_ps(sw);
         for (int j = 0; j < MC; j++) {
-            __m256i h[4];
-            for (int i = 0; i < 4; i++)
-                h[i] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][j]), _mm512_extracti64x4_epi64(acc[i][j], 1));
-            const __m256i q = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-            const __m128i dot = _mm_sub_epi32(_mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)), off);
+            const __m128i dot = _mm_sub_epi32(reduce4_epi32(acc[0][j], acc[1][j], acc[2][j], acc[3][j]), off);
             _mm_storeu_ps(Y + (size_t)j * ldy, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(sx[j])), wsc));
         }
         return;
@@ -468,7 +476,7 @@ static void xq_use(uint8_t* block, int M) {
 
 static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, float* Y, int ldy) {
     if (s->amx == PACK_TILES_INT8) {
-        quantize_rows(X, ldx, M, K, xq_buf, xq_scale);
+        quantize_rows(X, ldx, M, K, xq_buf, xq_scale, 0);
         const int8_t* W = (const int8_t*)(uintptr_t)s->ptr;
         const float* sw = (const float*)(W + (size_t)(s->n0 + s->n1) * K);
         gemv_amx_i8(W, sw, (int)s->n0, K, xq_buf, xq_scale, M, Y + s->out0, ldy);
@@ -476,10 +484,7 @@ static void gemv_share(const Share* s, int K, const bf16* X, int ldx, int M, flo
         return;
     }
     if (s->amx == PACK_ROWS_INT8) {  /* int8 rows of both segments, their scales, their sums */
-        quantize_rows(X, ldx, M, K, xq_buf, xq_scale);
-        const __m512i sign = _mm512_set1_epi8((char)0x80);
-        for (size_t i = 0; i < (size_t)M * K; i += 64)  /* K % 64 == 0 */
-            _mm512_storeu_si512(xq_buf + i, _mm512_xor_si512(_mm512_loadu_si512(xq_buf + i), sign));
+        quantize_rows(X, ldx, M, K, xq_buf, xq_scale, 0x80);  /* xq + 128 */
         const int8_t* W = (const int8_t*)(uintptr_t)s->ptr;
         const size_t rows = s->n0 + s->n1;
         const float* sw = (const float*)(W + rows * K);
