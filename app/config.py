@@ -27,7 +27,7 @@ class AppConfig:
     device: str = "cpu"
     drafter: str = "auto"  # auto: the shipped drafter when there is one, else off; or off/eagle/medusa
     draft_path: str | None = None
-    tree_budget: int | None = None  # largest draft tree per sequence (None: 60 on GPU, 8 or 5 on CPU);
+    tree_budget: int | None = None  # largest draft tree per sequence (None: auto_tree_budget: 60 on GPU, 2-6 on CPU);
     # the router picks 0..tree_budget
     draft_vocab_size: int | None = None  # draft-head rows, most frequent first (None: 4096 on CPU, all on GPU; 0: all)
     draft_min_prob: float | None = None  # EAGLE: no deeper drafting below this path probability (None: 0.2 CPU, 0 GPU)

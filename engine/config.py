@@ -205,8 +205,11 @@ def auto_draft_min_prob(device: str = "cpu") -> float:
 def auto_tree_budget(device: str = "cpu") -> int:
     """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
     verifying them costs about one step). On a CPU it is what verifying extra rows costs:
-    with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.15x a one-token
-    step and 8-node trees gave both drafters their best speedup; with AVX512-BF16 dot
+    with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.12x a one-token
+    step, and 6 nodes (plus the lookup chain) matched or beat 8 in four runs of 4, 6 and 8
+    on session 19's Xeon (EAGLE 2.004-2.072x at 6, 1.993-2.053x at 8, 1.949-1.998x at 4;
+    Medusa 1.689-1.737x at 6), for fewer rows of compute and KV per request under load
+    (8 was best by a hair in session 14); with AVX512-BF16 dot
     products alone (an AMD Zen 4) up to ~10 rows cost about one, each row past that ~1 ms,
     and 4 nodes (plus the lookup chain) was best on average over three runs of 4, 5 and 6
     (EAGLE 1.83x / 1.80x / 1.76x, Medusa 1.61x / 1.58x / 1.51x); with the AVX2 build (fp32
@@ -218,5 +221,5 @@ def auto_tree_budget(device: str = "cpu") -> int:
     from kernels import cpu_fused
 
     if cpu_fused.isa() == "avx512":
-        return 8 if cpu_fused.has_amx() else 4
+        return 6 if cpu_fused.has_amx() else 4
     return 2
