@@ -19,8 +19,8 @@ A fixed mode needs router=false because with the router on a request's "eagle" o
 selects among what the router allows. Modes run one after the other inside each level
 (rotating their order between rounds), so background load hits them alike.
 
-    .venv/bin/python bench/load.py                                   # random drafters until shipped ones exist
-    .venv/bin/python bench/load.py --draft-path shipped --levels 1,2,4,8,16
+    .venv/bin/python bench/load.py                                   # the server's defaults: shipped drafters, auto on EAGLE
+    .venv/bin/python bench/load.py --draft-path random --levels 1,2,4,8,16   # the machinery with untrained drafters
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --modes off,auto   # a running server
 
 Bounded: every request has a timeout, every level a deadline. The last line printed is
@@ -369,6 +369,7 @@ def plot(results: list[dict], levels: list[float], kind: str, path: str) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     modes = [m for m in MODES if any(r["mode"] == m for r in results)]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -394,11 +395,15 @@ def plot(results: list[dict], levels: list[float], kind: str, path: str) -> None
         twin.plot(x, [r["router"]["speculating_frac"] or 0 for r in auto], "s:", color="gray",
                   label="fraction of time speculating")
         twin.set(ylabel="fraction speculating", ylim=(-0.05, 1.05))
-        twin.legend(loc="upper right", fontsize=8)
+        twin.legend(loc="center right", fontsize=8)
     ax[2].set(title="auto: the router's choice vs load", xlabel=xlabel, ylabel="tree budget", xscale="log")
-    for a in ax[:3]:
-        a.legend(fontsize=7, loc="upper left")
+    for a, where in zip(ax, ("upper left", "upper left", "lower left")):
+        a.legend(fontsize=7, loc=where)
         a.grid(alpha=0.3)
+        a.set_xticks(levels, [f"{lv:g}" for lv in levels])  # the levels themselves, not 2 x 10^0
+        a.xaxis.set_minor_locator(ticker.NullLocator())
+    for fmt in (ax[0].yaxis.set_major_formatter, ax[0].yaxis.set_minor_formatter):
+        fmt(ticker.FormatStrFormatter("%g"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -464,10 +469,12 @@ def parse_args(argv=None):
                     help="concurrency: seconds over which the clients start (0: all at once, in lockstep)")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--url", default=None, help="bench a running server instead (all modes to this URL)")
-    ap.add_argument("--draft-path", default="random",
-                    help="'random' (untrained drafters), 'shipped' (assets/), or a directory")
-    ap.add_argument("--auto-drafter", default="medusa", choices=("eagle", "medusa"))
-    ap.add_argument("--tree-budget", type=int, default=8)
+    ap.add_argument("--draft-path", default="shipped",
+                    help="'shipped' (assets/, what `make serve` loads), 'random' (untrained drafters), or a directory")
+    ap.add_argument("--auto-drafter", default="eagle", choices=("eagle", "medusa"),
+                    help="the drafter of the auto app (default: the server's, EAGLE)")
+    ap.add_argument("--tree-budget", type=int, default=None,
+                    help="largest draft tree (default: the server's for this machine, auto_tree_budget)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the apps' dtype (auto: what `make serve` picks on this machine)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest concurrency level")
@@ -489,6 +496,8 @@ def parse_args(argv=None):
         ap.error("--levels must be positive")
     if args.load == "concurrency" and any(lv != int(lv) for lv in args.levels):
         ap.error("concurrency levels must be whole numbers")
+    if args.tree_budget is not None and args.tree_budget < 0:
+        ap.error("--tree-budget must be >= 0")
     if args.max_tokens < 1 or args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
         ap.error("--max-tokens, --duration and --rounds must be positive, --warmup >= 0")
     return args
@@ -507,11 +516,13 @@ def main(argv=None) -> int:
             top = max(args.levels)
             common = {"max_num_seqs": str(args.max_num_seqs or max(1, int(math.ceil(top)))),
                       "max_waiting": "64", "max_model_len": "512", "kv_cache_gib": "0.25",
-                      "tree_budget": str(args.tree_budget), "torch_threads": str(args.torch_threads),
+                      "torch_threads": str(args.torch_threads),
                       "dtype": args.dtype,
                       "report_interval_s": str(args.report_interval), "queue_timeout_s": str(args.request_timeout)}
             if args.draft_path != "shipped":
                 common["draft_path"] = args.draft_path
+            if args.tree_budget is not None:
+                common["tree_budget"] = str(args.tree_budget)
             served = Served(apps, common)
             urls = served.urls
         results = asyncio.run(bench(args, urls, apps))
@@ -521,12 +532,13 @@ def main(argv=None) -> int:
     rows = compare(results, args.levels)
     cross = crossover(rows)
     auto_rows = [r for r in rows if "auto_ok" in r]
-    from engine.config import auto_dtype
+    from engine.config import auto_dtype, auto_tree_budget
 
     dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     doc = {"bench": "load", "model": "default (SmolLM2-135M-Instruct)", "dtype": None if args.url else dtype,
            "load_kind": args.load, "levels": args.levels, "modes": args.modes, "max_tokens": args.max_tokens,
-           "draft_path": args.draft_path, "tree_budget": args.tree_budget, "warmup_s": args.warmup,
+           "draft_path": args.draft_path,
+           "tree_budget": auto_tree_budget("cpu") if args.tree_budget is None else args.tree_budget, "warmup_s": args.warmup,
            "duration_s": args.duration, "rounds": args.rounds, "stagger_s": args.stagger, "apps": apps,
            "url": args.url,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),

@@ -31,7 +31,8 @@ def test_helpers():
     assert rows[0]["speculation_speedup"] == 2.0 and crossover(rows) == 8
 
 
-@pytest.mark.parametrize("argv", [["--modes", "fast"], ["--levels", "0"], ["--levels", "1.5"], ["--max-tokens", "0"]])
+@pytest.mark.parametrize("argv", [["--modes", "fast"], ["--levels", "0"], ["--levels", "1.5"], ["--max-tokens", "0"],
+                                  ["--tree-budget", "-1"]])
 def test_bad_args(argv):
     out = subprocess.run([sys.executable, "bench/load.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
