@@ -206,10 +206,10 @@ def auto_tree_budget(device: str = "cpu") -> int:
     """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
     verifying them costs about one step). On a CPU it is what verifying extra rows costs:
     with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.12x a one-token
-    step, and 6 nodes (plus the lookup chain) matched or beat 8 in four runs of 4, 6 and 8
-    on session 19's Xeon (EAGLE 2.004-2.072x at 6, 1.993-2.053x at 8, 1.949-1.998x at 4;
-    Medusa 1.689-1.737x at 6), for fewer rows of compute and KV per request under load
-    (8 was best by a hair in session 14); with AVX512-BF16 dot
+    step, and 6 nodes (plus the lookup chain) matched or beat 8 in all five runs with both
+    on session 19's Xeon (EAGLE 2.001-2.072x at 6 over eight runs, 1.993-2.053x at 8,
+    1.949-1.998x at 4; Medusa 1.685-1.737x at 6), for fewer rows of compute and KV per
+    request under load (8 was best by a hair in session 14); with AVX512-BF16 dot
     products alone (an AMD Zen 4) up to ~10 rows cost about one, each row past that ~1 ms,
     and 4 nodes (plus the lookup chain) was best on average over three runs of 4, 5 and 6
     (EAGLE 1.83x / 1.80x / 1.76x, Medusa 1.61x / 1.58x / 1.51x); with the AVX2 build (fp32
