@@ -587,6 +587,20 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
+/* The next-but-KV_AHEAD block of up to 16 keys after the one at i (of n), all D dims, into L1. */
+static inline void prefetch_key_block(const bf16* kbase, const int64_t* ks, int64_t stride, int i, int n, int D) {
+    for (int c = i + KV_AHEAD; c < i + KV_AHEAD + 16 && c < n; c++)
+        for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c] * stride + d), _MM_HINT_T0);
+}
+
+/* kt[p] = dims d0 + 2p and d0 + 2p + 1 of keys ks[0..nk) side by side (16 lanes of bf16
+ * pairs, zero past nk): 32 dims of 16 keys, loaded and transposed (transpose16). */
+static inline void load_keys_t(const bf16* kbase, const int64_t* ks, int64_t stride, int nk, int d0, __m512i kt[16]) {
+    for (int c = 0; c < 16; c++)
+        kt[c] = c < nk ? _mm512_loadu_si512(kbase + ks[c] * stride + d0) : _mm512_setzero_si512();
+    transpose16(kt);
+}
+
 /* qk_scores with the keys in lanes (D % 32 == 0): per 16 keys, each 32-dim chunk of them is
  * transposed (transpose16: row p = dim pair p of the 16 keys), so a query's 16 scores are one
  * chain of D / 2 pair products against its broadcast dim pairs, with no horizontal sums;
@@ -599,14 +613,11 @@ static void qk_scores_t(const bf16* q, int G, const bf16* kbase, const int64_t* 
     const __m512 sv = _mm512_set1_ps(scale);
     for (int i = 0; i < n; i += 16) {
         const int nk = n - i < 16 ? n - i : 16;
-        for (int c2 = i + KV_AHEAD; c2 < i + KV_AHEAD + 16 && c2 < n; c2++)
-            for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c2] * stride + d), _MM_HINT_T0);
+        prefetch_key_block(kbase, ks, stride, i, n, D);
         for (int d0 = 0; d0 < D; d0 += 32) {
             const int first = d0 == 0, last = d0 + 32 >= D;
             __m512i kt[16];
-            for (int c = 0; c < 16; c++)
-                kt[c] = c < nk ? _mm512_loadu_si512(kbase + ks[i + c] * stride + d0) : _mm512_setzero_si512();
-            transpose16(kt);
+            load_keys_t(kbase, ks + i, stride, nk, d0, kt);
             for (int j0 = 0; j0 < G; j0 += 8) {
                 const int nq = G - j0 < 8 ? G - j0 : 8;
                 __m512 acc[8];
@@ -638,13 +649,8 @@ static void qk_scores_amx(const bf16* q, int G, const bf16* kbase, const int64_t
     __m512i kt[8][16];  /* per 32 dims: 16 rows (dim pairs) x 16 keys */
     for (int i = 0; i < n; i += 16) {
         const int nk = n - i < 16 ? n - i : 16;
-        for (int c2 = i + KV_AHEAD; c2 < i + KV_AHEAD + 16 && c2 < n; c2++)
-            for (int d = 0; d < D; d += 32) _mm_prefetch((const char*)(kbase + ks[c2] * stride + d), _MM_HINT_T0);
-        for (int kb = 0; kb < KB; kb++) {
-            for (int r = 0; r < 16; r++)
-                kt[kb][r] = r < nk ? _mm512_loadu_si512(kbase + ks[i + r] * stride + kb * 32) : _mm512_setzero_si512();
-            transpose16(kt[kb]);
-        }
+        prefetch_key_block(kbase, ks, stride, i, n, D);
+        for (int kb = 0; kb < KB; kb++) load_keys_t(kbase, ks + i, stride, nk, kb * 32, kt[kb]);
         WRITTEN_FOR_TILES(kt);
 /* scores of the queries from g0 (tiles: accumulator CT, queries AT) against this key block;
  * a macro because tile numbers must be immediates */
