@@ -54,7 +54,7 @@ def shipped_drafter(device: str = "cpu") -> str | None:
     """
     try:
         from engine.drafters.loading import shipped_drafter as path_of
-        from kernels.cpu_fused import has_amx
+        from treespec_kernels.cpu_fused import has_amx
     except ImportError:
         return None
     eagle_first = device.startswith("cuda") or has_amx()

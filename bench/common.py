@@ -98,13 +98,13 @@ def flat_prompts(n: int | None = None) -> list[tuple[str, str]]:
 def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
     """Read bandwidth (GB/s): the best of several full reductions over a large buffer, by
     torch's ``sum()`` and, where the fused CPU kernel builds, by its prefetched stream
-    (kernels/cpu_fused.c ``fused_stream_sum``, the way its GEMVs read weights); either can
+    (treespec_kernels/cpu_fused.c ``fused_stream_sum``, the way its GEMVs read weights); either can
     read faster on a given machine, and the limit should be the best this machine reaches."""
     x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
     probes = [lambda: x.sum()]
     try:
         from engine.fused import build_dir
-        from kernels import cpu_fused
+        from treespec_kernels import cpu_fused
 
         if cpu_fused.unsupported_reason() is None:
             lib = cpu_fused.load(build_dir())

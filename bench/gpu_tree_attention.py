@@ -2,7 +2,7 @@
 
 Run through bench/gpu_tree_attention.sh (it finds or installs torch + triton).
 
-1. Checks: kernels.triton_attention.paged_attention (tree and causal) against the
+1. Checks: treespec_kernels.triton_attention.paged_attention (tree and causal) against the
    torch reference computed in fp32 from the same bf16 inputs; the Triton KV
    compaction against the torch one (bit-exact).
 2. Timing, per (prefix length, tree size), B sequences of Llama-3-8B-shaped heads
@@ -30,9 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
-from kernels import compaction, reference  # noqa: E402
-from kernels import triton_attention, triton_compaction  # noqa: E402
-from kernels.tree import batch_tree_mask, pack_mask  # noqa: E402
+from treespec_kernels import compaction, reference  # noqa: E402
+from treespec_kernels import triton_attention, triton_compaction  # noqa: E402
+from treespec_kernels.tree import batch_tree_mask, pack_mask  # noqa: E402
 
 DEV = "cuda"
 N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16

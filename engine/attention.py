@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: metadata and backend choice.
 
-The CPU path uses the torch reference in kernels/reference.py; on CUDA the
-Triton kernels in kernels/triton_attention.py are used (imported lazily, so
+The CPU path uses the torch reference in treespec_kernels/reference.py; on CUDA the
+Triton kernels in treespec_kernels/triton_attention.py are used (imported lazily, so
 CPU runs never need Triton).
 """
 from __future__ import annotations
@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.reference import attention_plan
-from kernels.reference import paged_attention as torch_paged_attention
-from kernels.reference import write_kv
+from treespec_kernels.reference import attention_plan
+from treespec_kernels.reference import paged_attention as torch_paged_attention
+from treespec_kernels.reference import write_kv
 
 
 @dataclass
 class AttentionMetadata:
-    """What every attention layer of one forward needs (see kernels/__init__.py).
+    """What every attention layer of one forward needs (see treespec_kernels/__init__.py).
 
     slot_mapping:    [N] int64, cache slot of each new token.
     block_tables:    [B, max_blocks] int32.
@@ -38,7 +38,7 @@ class AttentionMetadata:
 def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [N, H, D] -> [N, H, D]."""
     if q.is_cuda:
-        from kernels.triton_attention import paged_attention as triton_paged_attention
+        from treespec_kernels.triton_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,

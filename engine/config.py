@@ -205,7 +205,7 @@ def auto_draft_min_prob(device: str = "cpu") -> float:
 def auto_tree_budget(device: str = "cpu") -> int:
     """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
     verifying them costs about one step). On a CPU it is what verifying extra rows costs:
-    with AMX tiles (kernels/cpu_fused.c) a 9-token verify step costs ~1.12x a one-token
+    with AMX tiles (treespec_kernels/cpu_fused.c) a 9-token verify step costs ~1.12x a one-token
     step, and 6 nodes (plus the lookup chain) matched or beat 8 in all five runs with both
     on session 19's Xeon (EAGLE 2.001-2.072x at 6 over eight runs, 1.993-2.053x at 8,
     1.949-1.998x at 4; Medusa 1.685-1.737x at 6), for fewer rows of compute and KV per
@@ -213,12 +213,12 @@ def auto_tree_budget(device: str = "cpu") -> int:
     products alone (an AMD Zen 4) up to ~10 rows cost about one, each row past that ~1 ms,
     and 4 nodes (plus the lookup chain) was best on average over three runs of 4, 5 and 6
     (EAGLE 1.83x / 1.80x / 1.76x, Medusa 1.61x / 1.58x / 1.51x); with the AVX2 build (fp32
-    multiply-adds, kernels/cpu_fused_avx2.h) on an AMD Zen 3, 2 nodes (plus the lookup
+    multiply-adds, treespec_kernels/cpu_fused_avx2.h) on an AMD Zen 3, 2 nodes (plus the lookup
     chain) beat 3 in three same-process runs of four and tied once, and 3 beat 4, 5 and 8
     (bench/speculative.py, docs/benchmarks.md)."""
     if device.startswith("cuda"):
         return 60
-    from kernels import cpu_fused
+    from treespec_kernels import cpu_fused
 
     if cpu_fused.isa() == "avx512":
         return 6 if cpu_fused.has_amx() else 4

@@ -28,8 +28,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.verify import verify_greedy, verify_sampling
 from engine.weights import resolve_model
-from kernels.compaction import compaction_slots
-from kernels.tree import tree_depth_list
+from treespec_kernels.compaction import compaction_slots
+from treespec_kernels.tree import tree_depth_list
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The fused CPU forward for decode, verification and EAGLE drafting (kernels/cpu_fused.c).
+"""The fused CPU forward for decode, verification and EAGLE drafting (treespec_kernels/cpu_fused.c).
 
 A one-token decode step of a small model on a CPU is bound by reading every weight
 once; the eager torch path adds ~2,000 small ops on top. ``FusedModel`` copies a
@@ -24,7 +24,7 @@ import os
 import torch
 
 from engine.weights import cache_root
-from kernels import cpu_fused
+from treespec_kernels import cpu_fused
 
 # Rows per forward up to which the fused path beats oneDNN's packed GEMMs: with AVX512-BF16
 # dot products it turns compute-bound past ~32 rows; on AMX tiles (which stream the weights
@@ -37,14 +37,14 @@ MAX_ROWS_AMX = 256
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-class _Model(ctypes.Structure):  # mirrors `Model` in kernels/cpu_fused.c
+class _Model(ctypes.Structure):  # mirrors `Model` in treespec_kernels/cpu_fused.c
     _fields_ = [(n, _i64) for n in ("hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab",
                                      "threads", "fc_in", "amx_attention")] + [
         ("eps", _f32), ("scale", _f32),
         ("shares", _ptr), ("norms", _ptr), ("embed", _ptr), ("inv_freq", _ptr), ("fc_bias", _ptr)]
 
 
-class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
+class _Batch(ctypes.Structure):  # mirrors `Batch` in treespec_kernels/cpu_fused.c
     _fields_ = [
         ("kv", _ptr), ("num_blocks", _i64), ("block_size", _i64), ("M", _i64),
         ("ids", _ptr), ("positions", _ptr), ("slots", _ptr), ("row_seq", _ptr),
@@ -54,7 +54,7 @@ class _Batch(ctypes.Structure):  # mirrors `Batch` in kernels/cpu_fused.c
         ("feats", _ptr)]
 
 
-class _EagleStep(ctypes.Structure):  # mirrors `EagleStep` in kernels/cpu_fused.c
+class _EagleStep(ctypes.Structure):  # mirrors `EagleStep` in treespec_kernels/cpu_fused.c
     _fields_ = [
         ("kv", _ptr), ("capacity", _i64), ("length", _i64), ("n_new", _i64), ("new_ids", _ptr), ("new_feats", _ptr),
         ("last_hidden", _ptr), ("last_logits", _ptr), ("vocab_ids", _ptr), ("budget", _i64), ("top_k", _i64),
@@ -158,7 +158,7 @@ def _ints(values, ctype=ctypes.c_int64):
 
 
 def _tile_pack(w: torch.Tensor) -> torch.Tensor:
-    """bf16 or int8 [n, K] -> flat, in gemv_amx's / gemv_amx_i8's layout (kernels/cpu_fused.c):
+    """bf16 or int8 [n, K] -> flat, in gemv_amx's / gemv_amx_i8's layout (treespec_kernels/cpu_fused.c):
     16-row blocks in pairs, per tile of 64 bytes of columns (32 bf16, 64 int8) the pair's
     two [16 column groups, 16 rows, g] tiles, g the columns in 4 bytes (2 bf16, 4 int8).
     n % 16 == 0, K % (16 * g) == 0."""
@@ -187,7 +187,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 PACK_ROWS, PACK_TILES, PACK_TILES_INT8, PACK_PANELS, PACK_PANELS_INT8, PACK_ROWS_INT8 = 0, 1, 2, 3, 4, 5  # Share.amx
 _INT8_KINDS = (PACK_TILES_INT8, PACK_PANELS_INT8, PACK_ROWS_INT8)
 
-# Row order inside a 16-row panel (kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
+# Row order inside a 16-row panel (treespec_kernels/cpu_fused_avx2.h): slot 2i holds row i and slot
 # 2i + 1 row 8 + i, so one load's low halves of each dword are rows 0-7, high halves 8-15.
 _PANEL_ORDER = [r for i in range(8) for r in (i, 8 + i)]
 
@@ -221,10 +221,10 @@ def pack_arenas(lib, threads: int, mats: list, amx: bool = False,
     and tile-packed for gemv_amx (the choice is per matrix, never per call, so a row's
     result never depends on the rows beside it); int8[m] (with amx): matrix m, if it fits int8
     tiles, is quantized per row and packed for gemv_amx_i8, their fp32 row scales after
-    the share's weights (a drafter's option: kernels/cpu_fused.c); without amx, an int8[m]
+    the share's weights (a drafter's option: treespec_kernels/cpu_fused.c); without amx, an int8[m]
     matrix with columns % 64 is quantized the same way and kept row-major for gemv_vnni_i8
     (AVX512-VNNI), its fp32 row scales and then int32 row sums after the weights; panels (the AVX2 build,
-    kernels/cpu_fused_avx2.h): every matrix split on multiples of 16 rows and packed as
+    treespec_kernels/cpu_fused_avx2.h): every matrix split on multiples of 16 rows and packed as
     16-row panels, each segment padded to whole panels, int8[m] ones quantized per row
     (their padded scales after the share's panels). Returns (arena tensors,
     their addresses to free, shares [M * T, 6]: per matrix and thread, the arena address,
@@ -395,7 +395,7 @@ class FusedModel(_Packed):
             context_lens: list[int], block_tables: torch.Tensor, logit_rows: torch.Tensor, *, ids=None, inputs=None,
             tree_mask=None, visible: list[list[int]] | None = None,
             argmax: torch.Tensor | None = None, feats: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward of N rows (shapes: ``Batch`` in kernels/cpu_fused.c).
+        """One forward of N rows (shapes: ``Batch`` in treespec_kernels/cpu_fused.c).
 
         kv: bf16 [2, layers, blocks, block_size, kv_heads, head_dim]; positions, slots: int64 [N];
         positions, slots and logit_rows may also be lists (cheaper than a tensor for a few rows);
@@ -441,7 +441,7 @@ class FusedModel(_Packed):
                    last_logits: torch.Tensor, vocab_ids: torch.Tensor | None, budget: int, top_k: int, depth: int,
                    min_prob: float) -> tuple[list[int], list[int], int]:
         """One EAGLE-2 draft step of an EAGLE drafter in one C call (eagle_propose in
-        kernels/cpu_fused.c): the pending pairs (token ids, addresses of their bf16 feature
+        treespec_kernels/cpu_fused.c): the pending pairs (token ids, addresses of their bf16 feature
         rows) run after the ``length`` cached ones, then the tree search and the rerank.
 
         kv: the request's cache [2, layers, 1, capacity, kv_heads, head_dim], room for
@@ -469,7 +469,7 @@ class FusedModel(_Packed):
         return tokens[:n], parents[:n], step.forwards
 
     def copy_slots(self, kv: torch.Tensor, src, dst) -> None:
-        """kernels.compaction.copy_slots for a contiguous CPU cache [..., blocks, block_size, n_kv, D]:
+        """treespec_kernels.compaction.copy_slots for a contiguous CPU cache [..., blocks, block_size, n_kv, D]:
         slot dst[m] <- slot src[m] in every layer's K and V, all reads first."""
         planes = math.prod(kv.shape[:-4])
         per_plane = kv.shape[-4] * kv.shape[-3]
@@ -489,7 +489,7 @@ class FusedModel(_Packed):
         return hidden, logits, argmax.tolist()
 
 
-class _Medusa(ctypes.Structure):  # mirrors `Medusa` in kernels/cpu_fused.c
+class _Medusa(ctypes.Structure):  # mirrors `Medusa` in treespec_kernels/cpu_fused.c
     _fields_ = [(n, _i64) for n in ("hidden", "heads", "layers", "vocab", "threads")] + [
         ("shares", _ptr), ("bias", _ptr)]
 

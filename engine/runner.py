@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
-from kernels.compaction import copy_slots
-from kernels.tree import ancestor_rows
+from treespec_kernels.compaction import copy_slots
+from treespec_kernels.tree import ancestor_rows
 from engine.config import ModelConfig
 from engine.fused import FusedModel
 from engine.model import LlamaForCausalLM

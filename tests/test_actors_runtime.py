@@ -14,19 +14,18 @@ import sys
 import time
 
 import pytest
+import ray
 import torch
 
-ray = pytest.importorskip("ray")
-
-from actors.drafter import Drafter, RayDrafterProxy, start_drafter, wait_ready  # noqa: E402
-from actors.executor import RayExecutor, ShardFailure  # noqa: E402
-from actors.replica import Replica  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.drafters.base import Drafter as DrafterBase  # noqa: E402
-from engine.drafters.base import DraftTree  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.executor import InProcessExecutor  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from actors.drafter import Drafter, RayDrafterProxy, start_drafter, wait_ready
+from actors.executor import RayExecutor, ShardFailure
+from actors.replica import Replica
+from engine.config import EngineConfig
+from engine.drafters.base import Drafter as DrafterBase
+from engine.drafters.base import DraftTree
+from engine.engine import LLMEngine
+from engine.executor import InProcessExecutor
+from engine.sampling import SamplingParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)

@@ -14,11 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-openai = pytest.importorskip("openai")
+import ray
+from ray import serve
 
 MODEL = "SmolLM2-135M-Instruct"
 CONTEXT = 512

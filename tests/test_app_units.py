@@ -35,7 +35,7 @@ def test_device_dependent_defaults():
     import torch
 
     from engine.fused import fused_kernel_available
-    from kernels.cpu_fused import has_amx, isa
+    from treespec_kernels.cpu_fused import has_amx, isa
 
     cpu = AppConfig.from_args({})
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

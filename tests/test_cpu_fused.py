@@ -1,4 +1,4 @@
-"""The fused CPU forward (kernels/cpu_fused.c via engine/fused.py).
+"""The fused CPU forward (treespec_kernels/cpu_fused.c via engine/fused.py).
 
 Oracles: transformers' fp32 logits (the fused bf16 path must be no less accurate than
 the torch bf16 path), the engine's fp32 torch path on random configs (paged attention
@@ -17,7 +17,7 @@ import torch
 from conftest import random_llama_dir
 from engine.fused import FusedModel, argmax_rows, topk_logprobs
 from engine.runner import ModelRunner, SeqInput, build_model_input
-from kernels.cpu_fused import has_amx, unsupported_reason
+from treespec_kernels.cpu_fused import has_amx, unsupported_reason
 
 pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused CPU kernel: {unsupported_reason()}")
 HAS_AMX = has_amx()
@@ -27,7 +27,7 @@ def int8_available() -> bool:
     """int8 drafter weights run here: AMX-INT8 tiles in use (not TREESPEC_CPU_AMX=0),
     AVX512-VNNI without tiles (int8 rows), or the AVX2 build (int8 panels)."""
     from engine.fused import build_dir
-    from kernels import cpu_fused
+    from treespec_kernels import cpu_fused
 
     return cpu_fused.int8_weights(cpu_fused.load(build_dir()))
 
@@ -496,7 +496,7 @@ def test_int8_gemv_is_the_quantized_product_exactly():
     row; AVX2 also with rows that end in a padded panel. Either's error against the bf16
     product stays at int8's ~1%."""
     from engine.fused import PACK_PANELS_INT8, PACK_ROWS_INT8, PACK_TILES_INT8, build_dir, pack_arenas, quantize_rows
-    from kernels import cpu_fused
+    from treespec_kernels import cpu_fused
 
     if not int8_available():
         pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
@@ -542,9 +542,9 @@ def test_int8_gemv_is_the_quantized_product_exactly():
 
 
 def test_kv_compaction_by_the_kernel_equals_torch(default_dir):
-    """The runner's C row copy (fused targets) moves the same slots as kernels.compaction.copy_slots,
+    """The runner's C row copy (fused targets) moves the same slots as treespec_kernels.compaction.copy_slots,
     reads before writes: a chain of overlapping moves, as compaction makes, and a swap."""
-    from kernels.compaction import copy_slots
+    from treespec_kernels.compaction import copy_slots
 
     r = ModelRunner(default_dir, "bfloat16")
     assert r.fused is not None

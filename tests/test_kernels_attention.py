@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import compaction, reference
-from kernels.tree import batch_tree_mask, pack_mask
+from treespec_kernels import compaction, reference
+from treespec_kernels.tree import batch_tree_mask, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -29,8 +29,8 @@ def _import_triton_modules():
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import kernels.triton_attention as ta
-        import kernels.triton_compaction as tc
+        import treespec_kernels.triton_attention as ta
+        import treespec_kernels.triton_compaction as tc
 
         if interpret and type(ta._tree_attention_kernel).__name__ != "InterpretedFunction":
             ta, tc = importlib.reload(ta), importlib.reload(tc)  # imported earlier without the flag

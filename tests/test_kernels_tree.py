@@ -1,4 +1,4 @@
-"""Tree metadata (kernels/tree.py) against naive parent walks; no triton here."""
+"""Tree metadata (treespec_kernels/tree.py) against naive parent walks; no triton here."""
 import os
 import random
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from kernels.tree import (
+from treespec_kernels.tree import (
     ancestor_mask,
     ancestor_rows,
     batch_tree_mask,
@@ -119,7 +119,7 @@ def test_batch_tree_mask_and_positions():
 
 def test_cpu_path_does_not_import_triton():
     code = (
-        "import sys, kernels, kernels.reference, kernels.tree, kernels.compaction\n"
+        "import sys, treespec_kernels, treespec_kernels.reference, treespec_kernels.tree, treespec_kernels.compaction\n"
         "assert 'triton' not in sys.modules, 'triton imported on the CPU path'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

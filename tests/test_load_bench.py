@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("ray")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 

@@ -24,9 +24,8 @@ import time
 
 import httpx
 import pytest
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+import ray
+from ray import serve
 
 CONTEXT = 256
 SOAK_RATE = 0.8  # req/s of 8 tokens: below what this replica (ray executor, random drafter, 1 thread) sustains
@@ -147,7 +146,7 @@ def _check_soak(results: list[dict], max_tokens: int) -> None:
 
 # ---------------------------------------------------------------------------------------- schemathesis
 
-schemathesis = pytest.importorskip("schemathesis")
+import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 

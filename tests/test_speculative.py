@@ -7,7 +7,7 @@ import torch
 from engine.config import EngineConfig
 from engine.drafters.loading import load_drafter
 from engine.sampling import SamplingParams
-from kernels.reference import gather_kv
+from treespec_kernels.reference import gather_kv
 from scripted_drafter import ScriptedDrafter
 
 MAX_TOKENS = 128

@@ -1,6 +1,6 @@
 """Torch reference implementations: the engine's CPU path and the kernels' oracle.
 
-See ``kernels/__init__.py`` for the KV cache layout.
+See ``treespec_kernels/__init__.py`` for the KV cache layout.
 """
 from __future__ import annotations
 

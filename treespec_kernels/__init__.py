@@ -21,6 +21,6 @@ or a draft token tree (each node sees its ancestors and itself). Queries of all
 sequences are concatenated: ``query_start_loc`` (``[B+1]``, int32) gives each
 sequence's span.
 
-This package is imported as ``kernels`` from the repository root; the PyPI
-package of the same name is not a dependency of this project.
+The import name carries the project's prefix because ``kernels`` is taken: it is
+Hugging Face's kernel hub, a dependency of transformers (tests/test_import_names.py).
 """

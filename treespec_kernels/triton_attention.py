@@ -1,6 +1,6 @@
 """Tree attention over the paged KV cache, in Triton (the engine's GPU path).
 
-Same contract as ``kernels.reference.paged_attention`` (see ``kernels/__init__.py``
+Same contract as ``treespec_kernels.reference.paged_attention`` (see ``treespec_kernels/__init__.py``
 for the cache layout). Importing this module imports triton; the CPU path never
 does. To run on CPU tensors, set ``TRITON_INTERPRET=1`` before the first import.
 
@@ -14,7 +14,7 @@ accumulator):
    only the last partial tile masks its out-of-range columns;
 2. the new tokens (tree/chain/decode), masked per row: causal (column <= token)
    or by the tree's ancestor mask, bit-packed as int32 words per query row
-   (bit ``j % 32`` of word ``j // 32`` = column j, see ``kernels.tree.pack_mask``).
+   (bit ``j % 32`` of word ``j // 32`` = column j, see ``treespec_kernels.tree.pack_mask``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tree import pack_mask
+from treespec_kernels.tree import pack_mask
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def paged_attention_packed(
     q: [N, n_heads, D]; k_cache/v_cache: [num_blocks, block_size, n_kv, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32 on q's device;
     query_start_loc: [B+1] int32 on q's device; packed_mask: None for causal, or
-    int32 [N, ceil(max_T / 32)] (``kernels.tree.pack_mask`` of the bool mask).
+    int32 [N, ceil(max_T / 32)] (``treespec_kernels.tree.pack_mask`` of the bool mask).
     max_query_len: the largest T_b; pass it to avoid a host sync (it sizes the grid).
     block_m/block_n: tile sizes (rows = query token x head pairs; key positions).
     Returns [N, n_heads, D] in q's dtype.
@@ -229,7 +229,7 @@ def paged_attention(
     tree_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Drop-in for ``kernels.reference.paged_attention`` (same arguments and result).
+    """Drop-in for ``treespec_kernels.reference.paged_attention`` (same arguments and result).
 
     tree_mask: None (causal among the new tokens) or bool [N, max_T]; it is
     bit-packed here (``pack_mask``), use ``paged_attention_packed`` to pack once

@@ -1,10 +1,10 @@
-"""Build and load the fused CPU forward (kernels/cpu_fused.c).
+"""Build and load the fused CPU forward (treespec_kernels/cpu_fused.c).
 
 The C file is compiled once per source/flags hash with the system C compiler into a
 cache directory and loaded with ctypes: no torch headers, so a build takes about a
 second. It links the ``libgomp.so.1`` that torch has already loaded (same soname), so
 both share one OpenMP thread pool. There are two builds (``isa()``): AVX512-BF16, with
-AMX tiles where the CPU has them, and AVX2 + FMA (kernels/cpu_fused_avx2.h) for x86-64
+AMX tiles where the CPU has them, and AVX2 + FMA (treespec_kernels/cpu_fused_avx2.h) for x86-64
 CPUs without AVX-512. ``unsupported_reason()`` says why neither can run here (not x86-64
 Linux, no AVX2/FMA, no compiler); callers then keep the torch path. The engine-side
 wrapper that packs a model's weights is engine/fused.py.

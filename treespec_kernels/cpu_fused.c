@@ -15,7 +15,7 @@
  *
  * Numerics: weights, KV cache and GEMV inputs are bf16 (round to nearest even); dot
  * products accumulate in fp32; the residual stream, norms, RoPE and softmax are fp32.
- * Layout of the KV cache and block tables: kernels/__init__.py. The same forward runs an
+ * Layout of the KV cache and block tables: treespec_kernels/__init__.py. The same forward runs an
  * EAGLE drafter (an input projection instead of the embedding, no final norm); Medusa's
  * heads have their own small entry point. A drafter's matrices may be int8 (gemv_amx_i8:
  * drafts only rank candidates, verification keeps the output exact). Engine side:
@@ -33,7 +33,7 @@
 
 typedef uint16_t bf16;
 
-/* Two builds of this file (kernels/cpu_fused.py picks one by the CPU's flags): AVX512-BF16
+/* Two builds of this file (treespec_kernels/cpu_fused.py picks one by the CPU's flags): AVX512-BF16
  * dot products, with AMX tiles where the CPU has them (this file), or AVX2 + FMA for x86-64
  * CPUs without AVX-512 (cpu_fused_avx2.h: the same pieces, fp32 multiply-adds on widened
  * bf16). What differs is below between #if FUSED_AVX512 and #endif; the rest is shared. */
@@ -976,7 +976,7 @@ typedef struct {
     const bf16* fc_bias;    /* bf16 [hidden] or NULL */
 } Model;
 
-/* One forward: M rows of B sequences over a paged KV cache (layout: kernels/__init__.py).
+/* One forward: M rows of B sequences over a paged KV cache (layout: treespec_kernels/__init__.py).
  * Row r of sequence b sees the b's context_lens[b] cached tokens, then either its own
  * visible slots vis_slots[vis_ptr[r] .. vis_ptr[r + 1]) (when vis_ptr is set; in position
  * order, itself last), or the new rows of its sequence that tree_mask allows (NULL:
@@ -1630,7 +1630,7 @@ done:
     return rc;
 }
 
-/* KV compaction (kernels/compaction.py copy_slots): in each of `planes` planes of rows of
+/* KV compaction (treespec_kernels/compaction.py copy_slots): in each of `planes` planes of rows of
  * row_bytes (K and V of every layer), row dst[m] <- row src[m] for m < n, a plane's reads
  * all before its writes, so sources and destinations may overlap. A step moves a few rows
  * per plane, which torch's advanced indexing takes ~0.15 ms to set up. Returns 0, or -1

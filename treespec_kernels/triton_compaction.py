@@ -1,6 +1,6 @@
 """KV compaction after tree verification, in Triton (the engine's GPU path).
 
-Same contract as ``kernels.compaction.compact_kv``; importing this module imports
+Same contract as ``treespec_kernels.compaction.compact_kv``; importing this module imports
 triton (set ``TRITON_INTERPRET=1`` first to run on CPU tensors).
 
 One program moves one (sequence, KV head, chunk of head_dim) for K and V. Rows
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.compaction import Accepted, accepted_tensor
+from treespec_kernels.compaction import Accepted, accepted_tensor
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def compact_kv(
     context_lens: Sequence[int] | torch.Tensor,
     accepted: Accepted,
 ) -> None:
-    """Drop-in for ``kernels.compaction.compact_kv`` (one launch per layer, no host sync
+    """Drop-in for ``treespec_kernels.compaction.compact_kv`` (one launch per layer, no host sync
     when context_lens and accepted are tensors on the cache's device).
 
     k_cache/v_cache: [num_blocks, block_size, n_kv, D] or per-layer lists of them;
