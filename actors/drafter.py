@@ -182,14 +182,14 @@ def kill_drafter(actor) -> None:
 
 
 def engine_drafter_factory(config: EngineConfig):
-    """The factory of the drafter ``config.speculation`` names, or None for "off"."""
-    if config.speculation == "off" or config.tree_budget == 0:
+    """The factory of the drafter ``config.drafter`` names (a resolved config), or None for "off"."""
+    if config.drafter == "off" or config.tree_budget == 0:
         return None
     return functools.partial(build_engine_drafter, config)
 
 
 def build_engine_drafter(config: EngineConfig) -> DrafterBase:
-    """Build the engine drafter of ``config.speculation`` (runs inside the actor).
+    """Build the engine drafter of ``config.drafter`` (runs inside the actor).
 
     The actor holds no target weights, so the drafter reads the target's embedding and
     lm_head from the checkpoint itself.

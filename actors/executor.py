@@ -55,7 +55,8 @@ class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, *, cpus_per_rank: float = 1.0, drafter_cpus: float = 1.0,
                  drafter_gpus: float = 0.1, num_threads: int | None = None, step_timeout_s: float = 120.0,
                  start_timeout_s: float = 600.0):
-        self.engine_config = config
+        self.engine_config = config = config.resolve()
+        self.dtype = config.dtype
         self.tp = config.tp
         self.step_timeout_s = step_timeout_s
         self.gpu = config.device.startswith("cuda")

@@ -28,7 +28,6 @@ or ``replica.generate(prompts, params)`` to run a batch to completion.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import ray
@@ -42,8 +41,9 @@ from actors.drafter import (
     wait_ready,
 )
 from actors.executor import RayExecutor, ShardFailure
+from engine.build import load_tokenizer
 from engine.config import EngineConfig
-from engine.engine import LLMEngine, RequestOutput
+from engine.engine import EngineLoad, LLMEngine, RequestOutput, StepStats
 from engine.sampling import SamplingParams
 from engine.weights import resolve_model
 
@@ -55,7 +55,7 @@ _MISSING = object()
 class Replica:
     """config: the replica's EngineConfig.
     drafter_factory: picklable () -> engine Drafter, built inside the drafter actor;
-        default: the drafter ``config.speculation`` names (None when it is "off").
+        default: the drafter ``config.drafter`` names (None when it is "off").
     executor_options: keyword arguments of RayExecutor (cpus_per_rank, step_timeout_s, ...).
     drafter_timeout_s: bound on one propose call; drafter_load_timeout_s: on loading it.
     drafter_required: raise DrafterFailure when the drafter cannot load at start (a
@@ -69,7 +69,7 @@ class Replica:
                  executor_options: dict | None = None, drafter_timeout_s: float = 5.0,
                  drafter_load_timeout_s: float = 300.0, drafter_required: bool = False,
                  restore_interval_s: float = 5.0, rebuild_interval_s: float = 5.0):
-        self.config = config
+        self.config = config = config.resolve()
         self.executor_options = dict(executor_options or {})
         self.drafter_factory = engine_drafter_factory(config) if drafter_factory is _MISSING else drafter_factory
         self.drafter_timeout_s = drafter_timeout_s
@@ -88,7 +88,7 @@ class Replica:
         executor = RayExecutor(config, **self.executor_options)
         try:
             if tokenizer is None:
-                tokenizer = _load_tokenizer(resolve_model(config.model))
+                tokenizer = load_tokenizer(resolve_model(config.model))
             self.engine = LLMEngine(config, executor=executor, tokenizer=tokenizer)
             if self.drafter_factory is not None:
                 actor, ready = self._spawn_drafter()
@@ -115,6 +115,28 @@ class Replica:
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
+
+    # The rest of the engine's front door (engine.engine.ENGINE_API), for the serving app.
+
+    def is_admitted(self, request_id: str) -> bool:
+        return self.engine.is_admitted(request_id)
+
+    def set_policy(self, speculate: bool, tree_budget: int) -> None:
+        self.engine.set_policy(speculate, tree_budget)
+
+    def load_report(self) -> EngineLoad:
+        return self.engine.load_report()
+
+    @property
+    def last_step(self) -> StepStats | None:
+        return self.engine.last_step
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.engine.tokenize_chat(messages)
 
     # ------------------------------------------------------------------ step
 
@@ -259,28 +281,20 @@ class Replica:
             drafter = "ok"
         else:
             drafter = "restoring" if self._restoring is not None else "down"
-        sched = self.engine.scheduler
+        load = self.engine.load_report()
         return {
             "tp": self.config.tp,
             "shards": "rebuilding" if self._broken else "ok",
             "drafter": drafter,
-            "speculating": bool(self.engine.speculate and self.engine.drafter_healthy),
+            "speculating": load.tree_budget > 0,
             **self.counters,
             "last_error": self.last_error,
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "kv_blocks_used": self.engine.kv_blocks_used,
-            "kv_blocks_total": self.engine.allocator.num_blocks,
+            "running": load.running,
+            "waiting": load.waiting,
+            "kv_blocks_used": load.kv_used,
+            "kv_blocks_total": load.kv_total,
         }
 
     def shutdown(self) -> None:
         self._stop_actors()
 
-
-def _load_tokenizer(model_dir: str):
-    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
-    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)

@@ -70,8 +70,11 @@ class LoadReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoadReport":
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Raises ValueError on a field this report does not have (a replica and router out of step)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"LoadReport has no field(s) {', '.join(unknown)}")
+        return cls(**d)
 
 
 @dataclass
@@ -379,7 +382,7 @@ class Router:
     def __init__(self, config: dict | None = None):
         self.policy = SpeculationPolicy(PolicyConfig(**(config or {})))
 
-    def report(self, replica_id: str, report: dict) -> dict:
+    def report(self, replica_id: str, report: LoadReport | dict) -> dict:
         return self.policy.observe(replica_id, report).as_dict()
 
     def forget(self, replica_id: str) -> None:

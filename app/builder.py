@@ -17,13 +17,13 @@ def app_builder(args: dict) -> Application:
     """args: AppConfig fields as strings (command line) or typed values (Serve config file)."""
     cfg = AppConfig.from_args(args)
     num_gpus = cfg.num_gpus
-    if cfg.device.startswith("cuda") and num_gpus == 0 and not cfg.use_ray_executor:
+    if cfg.engine.device.startswith("cuda") and num_gpus == 0 and not cfg.use_ray_executor:
         num_gpus = 1  # with the ray executor the shard actors hold the GPUs, not the server replica
     server_options = {
         "ray_actor_options": {"num_cpus": cfg.server_cpus, "num_gpus": num_gpus},
         # One more than a replica admits, so an overloaded replica answers 429 instead of requests
         # queueing unseen in front of it; max_queued_requests bounds the queue in the handle (503).
-        "max_ongoing_requests": cfg.max_num_seqs + cfg.max_waiting + 1,
+        "max_ongoing_requests": cfg.engine.max_num_seqs + cfg.max_waiting + 1,
         "max_queued_requests": max(1, cfg.max_waiting),
     }
     if cfg.num_replicas is not None:

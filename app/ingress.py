@@ -105,11 +105,11 @@ def _cancel(gen) -> None:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, server, config: dict):
-        self.cfg = cfg = AppConfig(**config)
+        self.cfg = cfg = AppConfig.from_dict(config)
         self.server = server
         self.stream = server.options(stream=True)
         self.model = cfg.model_name
-        self.model_ids = {self.model, "default" if cfg.model == "default" else cfg.model}
+        self.model_ids = {self.model, "default" if cfg.engine.model == "default" else cfg.engine.model}
         self.tracing = Tracing("treespec-ingress", cfg.otlp_endpoint, cfg.trace_export_delay_ms)
         self.metrics = RequestMetrics(self.model)
         self.app_name = serve.get_replica_context().app_name
@@ -140,7 +140,7 @@ class Ingress:
 
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "treespec",
-                "max_model_len": self.cfg.max_model_len}
+                "max_model_len": self.cfg.engine.max_model_len}
 
     @api.get("/health")
     async def health(self):

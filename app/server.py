@@ -16,7 +16,9 @@ loop. A request whose caller goes away (client disconnect -> Serve cancels the
 handle call) is aborted in ``generate``'s ``finally``, which frees its KV blocks
 at the next step. The speculation policy comes from the application's Router
 actor, polled by a reporter thread about once a second and applied between
-steps (``engine.speculate`` / ``engine.tree_budget``).
+steps (``set_policy``). The replica touches its engine only through the engine's
+front door (``engine.engine.ENGINE_API``): an in-process LLMEngine, or the Ray
+``Replica`` of actors/replica.py, which offers the same calls.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ray import serve
 
+from actors.router import LoadReport
 from app.config import AppConfig
 from app.detok import Detokenizer
 from app.metrics import ReplicaGauges
@@ -42,61 +45,19 @@ log = logging.getLogger("ray.serve")
 # ---------------------------------------------------------------------------------------- engine
 
 
-def shipped_drafter(device: str = "cpu") -> str | None:
-    """The kind of drafter shipped under assets/ for the default model, if any.
-
-    Preference by device: EAGLE on GPUs (higher acceptance, and its per-depth drafting
-    is cheap there) and on CPUs with AMX tiles, where the fused kernel verifies a tree
-    for ~1.2x a plain step and EAGLE served more tokens/s than Medusa at every load
-    level of bench/load.py (session 9); Medusa first on other CPUs, where EAGLE's
-    sequential drafting cost as much as its extra acceptance bought (sessions 3-8,
-    docs/benchmarks.md).
-    """
-    try:
-        from engine.drafters.loading import shipped_drafter as path_of
-        from treespec_kernels.cpu_fused import has_amx
-    except ImportError:
-        return None
-    eagle_first = device.startswith("cuda") or has_amx()
-    order = ("eagle", "medusa") if eagle_first else ("medusa", "eagle")
-    return next((k for k in order if os.path.exists(os.path.join(path_of(k), "config.json"))), None)
-
-
-def build_engine(cfg: AppConfig):
-    """The driver: it steps (add_request/abort/step/has_unfinished) and has ``.engine`` or is the engine.
-
-    tp == 1: an in-process LLMEngine (the default on a laptop). tp > 1 (or executor=ray): the Ray
-    replica of actors/replica.py, with one TP shard actor per rank and the drafter as an actor.
-    """
-    kind = cfg.drafter
-    if kind == "auto":
-        kind = (shipped_drafter(cfg.device) if cfg.model == "default" else None) or "off"
+def build_driver(cfg: AppConfig):
+    """What the engine loop steps: an in-process LLMEngine (tp == 1, the default on a laptop), or
+    with tp > 1 (or executor=ray) the Ray replica of actors/replica.py, one TP shard actor per rank
+    and the drafter as an actor. Both offer the engine's front door (ENGINE_API)."""
     if cfg.use_ray_executor:
         from actors.replica import Replica
 
-        return Replica(cfg.engine_config(kind), executor_options={"cpus_per_rank": cfg.cpus_per_rank,
-                                                                  "drafter_cpus": cfg.cpus_per_rank,
-                                                                  "num_threads": cfg.torch_threads})
-    from transformers import AutoTokenizer
+        return Replica(cfg.engine, executor_options={"cpus_per_rank": cfg.cpus_per_rank,
+                                                     "drafter_cpus": cfg.cpus_per_rank,
+                                                     "num_threads": cfg.torch_threads})
+    from engine.build import build_engine
 
-    from engine.engine import LLMEngine
-    from engine.executor import InProcessExecutor
-    from engine.weights import resolve_model
-
-    model_dir = resolve_model(cfg.model)
-    executor = InProcessExecutor(model_dir, cfg.dtype, cfg.device)
-    drafter = None
-    if kind != "off":
-        try:
-            from engine.drafters.loading import load_drafter
-
-            drafter = load_drafter(cfg.engine_config(kind), model_dir, executor)
-        except (ImportError, FileNotFoundError, ValueError) as exc:
-            if cfg.drafter != "auto":
-                raise
-            log.warning("could not load the shipped %s drafter (%s); serving without speculation", kind, exc)
-            kind = "off"
-    return LLMEngine(cfg.engine_config(kind), executor, drafter, AutoTokenizer.from_pretrained(model_dir))
+    return build_engine(cfg.engine)
 
 
 @dataclass
@@ -125,16 +86,12 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._policy: tuple[bool, int] | None = None
+        self._measured = None  # the driver's last StepStats already measured
         self.error: BaseException | None = None
         self._reset_window()
         self.acceptance_ema: float | None = None
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.thread.start()
-
-    @property
-    def engine(self):
-        """The LLMEngine (the Ray replica may replace its engine when it rebuilds lost shards)."""
-        return getattr(self.driver, "engine", self.driver)
 
     # ---------------------------------------------------------------- called from the event loop
 
@@ -157,7 +114,7 @@ class EngineLoop:
 
     def is_running(self, request_id: str) -> bool:
         """Admitted into the running batch (not waiting for KV blocks or a batch slot)."""
-        return any(s.request_id == request_id for s in list(self.engine.scheduler.running))
+        return self.driver.is_admitted(request_id)
 
     @property
     def active(self) -> int:
@@ -167,30 +124,23 @@ class EngineLoop:
         self._policy = (speculate, tree_budget)
         self._wake.set()
 
-    def load(self) -> dict:
-        """The LoadReport fields for the router; resets the per-interval measurements."""
-        e = self.engine
+    def load(self) -> LoadReport:
+        """The report for the router; resets the per-interval measurements."""
+        engine = self.driver.load_report()
         with self._lock:
             window = self._window
             self._reset_window()
-        drafter = getattr(e.drafter, "kind", None) if e.drafter is not None else None
-        return {
-            "running": len(e.scheduler.running),
-            # requests not yet drained into the scheduler count as waiting too
-            "waiting": max(len(e.scheduler.waiting), self.active - len(e.scheduler.running)),
-            "max_num_seqs": e.config.max_num_seqs,
-            "kv_used": e.allocator.num_used,
-            "kv_total": e.allocator.num_blocks,
-            "drafter": drafter,
-            "drafter_healthy": bool(e.drafter_healthy and drafter),
-            "max_tree_budget": e.config.tree_budget,
-            "tree_budget": window["budget"],
-            "speculating": self.budget_in_force() > 0,
-            "acceptance_ema": self.acceptance_ema,
-            "spec_seq_steps": window["spec_seq_steps"],
-            "spec_tokens": window["spec_tokens"],
-            "step_times": [(b, n, v / c, d / c, c) for (b, n), (v, d, c) in window["steps"].items()],
-        }
+        return LoadReport(
+            **{**asdict(engine),
+               # requests not yet drained into the scheduler count as waiting too
+               "waiting": max(engine.waiting, self.active - engine.running),
+               "tree_budget": window["budget"]},
+            speculating=engine.tree_budget > 0,
+            acceptance_ema=self.acceptance_ema,
+            spec_seq_steps=window["spec_seq_steps"],
+            spec_tokens=window["spec_tokens"],
+            step_times=[(b, n, v / c, d / c, c) for (b, n), (v, d, c) in window["steps"].items()],
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,15 +153,14 @@ class EngineLoop:
         self._window = {"steps": {}, "spec_seq_steps": 0, "spec_tokens": 0, "budget": self.budget_in_force()}
 
     def budget_in_force(self) -> int:
-        e = self.engine
-        return e.tree_budget if (e.speculate and e.drafter_healthy) else 0
+        return self.driver.load_report().tree_budget
 
     def _apply_policy(self) -> None:
         policy, self._policy = self._policy, None
         if policy is None:
             return
         before = self.budget_in_force()
-        self.engine.speculate, self.engine.tree_budget = policy[0], (policy[1] if policy[0] else 0)
+        self.driver.set_policy(*policy)
         if self.budget_in_force() != before:
             with self._lock:  # acceptance is measured per budget
                 self._window.update(spec_seq_steps=0, spec_tokens=0, budget=self.budget_in_force())
@@ -228,7 +177,8 @@ class EngineLoop:
                 t0 = time.perf_counter()
                 outputs = self.driver.step()
                 t1 = time.perf_counter()
-                st = self.engine.last_step
+                st = self.driver.last_step
+                st, self._measured = (None if st is self._measured else st), st  # each step once
                 self._measure(st)
                 for out in outputs:
                     self._deliver(out, st, t0, t1, budget)
@@ -253,7 +203,6 @@ class EngineLoop:
                 w["spec_tokens"] += st.tokens
                 tau = st.tokens / st.batch_size
                 self.acceptance_ema = tau if self.acceptance_ema is None else 0.9 * self.acceptance_ema + 0.1 * tau
-        self.engine.last_step = None  # measured once
 
     def _deliver(self, out, st, t0: float, t1: float, budget: int) -> None:
         with self._lock:
@@ -280,20 +229,21 @@ class EngineLoop:
 @serve.deployment(name="LLMServer", health_check_period_s=10, graceful_shutdown_timeout_s=5)
 class LLMServer:
     def __init__(self, config: dict):
-        self.cfg = cfg = AppConfig(**config)
+        self.cfg = cfg = AppConfig.from_dict(config)
         import torch
 
-        if cfg.device == "cpu":
+        if cfg.engine.device == "cpu":
             torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
         ctx = serve.get_replica_context()
         self.app_name = ctx.app_name
         self.replica_id = getattr(getattr(ctx, "replica_id", None), "unique_id", None) or str(ctx.replica_tag)
         t0 = time.perf_counter()
-        self.driver = build_engine(cfg)
+        self.driver = build_driver(cfg)
         self.loop = EngineLoop(self.driver)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = self.driver.tokenizer
+        load = self.driver.load_report()
         log.info("LLMServer %s: %s loaded in %.1fs (drafter %s, %d KV blocks)", self.replica_id, cfg.model_name,
-                 time.perf_counter() - t0, getattr(self.engine.drafter, "kind", None), self.engine.allocator.num_blocks)
+                 time.perf_counter() - t0, load.drafter, load.kv_total)
         self.tracing = Tracing("treespec-llm-server", cfg.otlp_endpoint, cfg.trace_export_delay_ms,
                                {"service.instance.id": self.replica_id})
         self.gauges = ReplicaGauges(cfg.model_name, self.replica_id)
@@ -302,10 +252,6 @@ class LLMServer:
         self._stop = threading.Event()
         self.reporter = threading.Thread(target=self._report_loop, name="router-reporter", daemon=True)
         self.reporter.start()
-
-    @property
-    def engine(self):
-        return self.loop.engine
 
     # ---------------------------------------------------------------- router
 
@@ -317,7 +263,8 @@ class LLMServer:
         while not self._stop.wait(self.cfg.report_interval_s):
             # With router=false the replica still reports (for /v1/speculation and /metrics) but ignores
             # the advice: it speculates whenever its drafter is healthy.
-            load = {**self.loop.load(), "policy_applied": self.cfg.router}
+            load = self.loop.load()
+            load.policy_applied = self.cfg.router
             try:
                 if self._router is None:
                     self._router = get_or_create_router(self.app_name)
@@ -327,14 +274,14 @@ class LLMServer:
             except Exception as exc:  # router gone or slow: keep the last policy, re-create next time
                 log.warning("speculation router unavailable (%s); keeping the current policy", exc)
                 self._router = None
-            self.gauges.set(load, self.decision)
+            self.gauges.set(asdict(load), self.decision)
 
     # ---------------------------------------------------------------- requests
 
     def _prompt_ids(self, req: dict) -> list[int]:
         if "messages" in req:
             try:
-                return list(self.engine.tokenize_chat(req["messages"]))
+                return list(self.driver.tokenize_chat(req["messages"]))
             except Exception as exc:  # a template that rejects the conversation (roles, order)
                 raise APIError(400, f"messages: the chat template rejected them: {exc}", param="messages") from None
         prompt = req["prompt"]
@@ -351,7 +298,7 @@ class LLMServer:
         from engine.sampling import SamplingParams
 
         prompt_ids = self._prompt_ids(req)
-        ctx_len = self.cfg.max_model_len
+        ctx_len = self.cfg.engine.max_model_len
         which = "messages" if "messages" in req else "prompt"
         if len(prompt_ids) >= ctx_len:
             raise APIError(400, f"This model's maximum context length is {ctx_len} tokens; the {which} has "
@@ -367,7 +314,7 @@ class LLMServer:
             params = SamplingParams(**{**req["sampling"], "max_tokens": max_tokens})
         except (TypeError, ValueError) as exc:
             raise APIError(400, str(exc)) from None
-        cap = self.cfg.max_num_seqs + self.cfg.max_waiting
+        cap = self.cfg.engine.max_num_seqs + self.cfg.max_waiting
         if self.loop.active >= cap:
             raise APIError(429, f"this replica has {self.loop.active} requests in flight (limit {cap}); retry later",
                            type="rate_limit_error", code="queue_full", retry_after=1)
@@ -498,16 +445,16 @@ class LLMServer:
             span.end()
 
     def _mode(self, budget: int) -> str:
-        kind = getattr(self.engine.drafter, "kind", None)
+        kind = self.driver.load_report().drafter
         return kind if budget > 0 and kind else "off"
 
     def _policy_span(self, parent, at: float) -> None:
         d = self.decision or {}
-        budget = self.loop.budget_in_force()
+        load = self.driver.load_report()
         self._phase_span(parent, "speculation.policy", at, at, {
-            "treespec.speculation.mode": self._mode(budget),
-            "treespec.tree_budget": budget,
-            "treespec.drafter_healthy": bool(self.engine.drafter_healthy),
+            "treespec.speculation.mode": self._mode(load.tree_budget),
+            "treespec.tree_budget": load.tree_budget,
+            "treespec.drafter_healthy": load.drafter_healthy,
             "treespec.router": bool(self.cfg.router and d),
             "treespec.router.reason": d.get("reason", "static (no router decision yet)"),
         })
@@ -533,12 +480,8 @@ class LLMServer:
 
     def status(self) -> dict:
         """This replica's state (for tests and operators)."""
-        e = self.engine
-        return {"replica": self.replica_id, "active": self.loop.active, "running": len(e.scheduler.running),
-                "waiting": len(e.scheduler.waiting), "kv_used": e.allocator.num_used,
-                "kv_total": e.allocator.num_blocks, "speculate": bool(e.speculate), "tree_budget": e.tree_budget,
-                "drafter": getattr(e.drafter, "kind", None), "drafter_healthy": bool(e.drafter_healthy),
-                "decision": self.decision}
+        load = self.driver.load_report()
+        return {"replica": self.replica_id, "active": self.loop.active, **asdict(load), "decision": self.decision}
 
     def __del__(self):
         try:

@@ -47,7 +47,7 @@ def main():
     engines, drafters = {}, {}
     for p in min_probs:
         try:
-            cfg = EngineConfig(dtype=dtype, speculation="eagle", draft_path=args.draft, tree_budget=args.tree_budget,
+            cfg = EngineConfig(dtype=dtype, drafter="eagle", draft_path=args.draft, tree_budget=args.tree_budget,
                                max_num_seqs=1, num_blocks=128, draft_vocab_size=auto_draft_vocab_size("cpu"),
                                draft_min_prob=p)
         except ValueError as exc:

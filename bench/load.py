@@ -481,7 +481,7 @@ def parse_args(argv=None):
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--report-interval", type=float, default=0.5)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "load_bench.json"))
-    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "load_bench.png"))
+    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "load_throughput.png"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:

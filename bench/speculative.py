@@ -167,7 +167,7 @@ def main():
         variants += [(f"{k}_lookup{n}", k, args.draft_int8 != "off", n) for k in ("eagle", "medusa")]
     engines = {}
     for name, kind, int8, look, budget in [("off", "off", False, 0, 0)] + [v + (b,) for b in budgets for v in variants]:
-        cfg = EngineConfig(dtype=dtype, speculation=kind, draft_path=args.draft, tree_budget=budget,
+        cfg = EngineConfig(dtype=dtype, drafter=kind, draft_path=args.draft, tree_budget=budget,
                            max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab,
                            draft_min_prob=min_prob, draft_int8=int8, lookup_tokens=look)
         drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None

@@ -1,6 +1,7 @@
 """Model configuration read from a Hugging Face ``config.json``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -76,32 +77,38 @@ class ModelConfig:
             )
 
 
-SPECULATION_MODES = ("off", "eagle", "medusa")
+DRAFTER_KINDS = ("off", "eagle", "medusa")
 
 
 @dataclass
 class EngineConfig:
     """Everything needed to build one engine replica (shared with actors/ and app/).
 
+    Fields left at "auto" / None take the device's defaults when the engine is built
+    (``resolve``), so every entry point (server, CLI, benchmarks) serves the same way.
+
     model: a HF checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct.
-    speculation: the drafter kind loaded at start ("off", "eagle", "medusa"); requests
-        and the router may switch speculation off per step, never on without a drafter.
+    dtype: "float32", "bfloat16", "float16", or "auto" (``auto_dtype``; with a given
+        executor, the executor's dtype).
+    drafter: the drafter kind loaded at start: "off", "eagle", "medusa", or "auto" (the kind
+        at draft_path, or the default model's shipped drafter, else off: ``default_drafter``);
+        requests and the router may switch speculation off per step, never on without one.
     draft_path: drafter directory; None means the shipped drafter of the default model.
-    tree_budget: draft tree nodes per sequence per step (0 disables speculation).
+    tree_budget: draft tree nodes per sequence per step (0 disables speculation; None:
+        ``auto_tree_budget``).
     draft_depth, draft_top_k: EAGLE-2 tree search (depth levels, children per node; the
         paper uses top-k 10).
     draft_vocab_size: at most this many draft-head rows, the drafter's most frequent
-        tokens first (its ``draft_vocab_order`` must be "frequency"); None or 0: all of them.
-        A smaller head reads fewer bytes per draft depth, which pays for small CPU trees.
+        tokens first (its ``draft_vocab_order`` must be "frequency"); 0: all of them; None:
+        ``auto_draft_vocab_size``. A smaller head reads fewer bytes per draft depth, which
+        pays for small CPU trees.
     draft_min_prob: EAGLE stops drafting deeper once the likeliest frontier path is less
         likely than this (0: EAGLE-2's exact search, which expands while a deeper node could
-        still enter the tree). Where a draft depth costs a few percent of a target step
-        (CPU), a low-probability depth cannot pay for its forward (``auto_draft_min_prob``).
+        still enter the tree; None: ``auto_draft_min_prob``).
     draft_int8: the fused CPU drafters (engine/fused.py) keep int8 weights where the CPU has
         AMX-INT8 or AVX512-VNNI, or runs the AVX2 build of the kernel: a draft call streams
-        half the bytes.
-        Drafts only rank candidates and verification against the target keeps the output
-        exact, so only tau can change.
+        half the bytes. Drafts only rank candidates and verification against the target
+        keeps the output exact, so only tau can change.
     lookup_tokens: while speculating, also verify up to this many tokens that followed the
         latest earlier occurrence of the sequence's last 2-4 tokens (prompt lookup, merged
         into the drafter's tree as one more chain; engine/lookup.py); 0 disables it. These
@@ -111,7 +118,7 @@ class EngineConfig:
 
     model: str = "default"
     tp: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None
@@ -119,13 +126,13 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    speculation: str = "off"
+    drafter: str = "auto"
     draft_path: str | None = None
-    tree_budget: int = 60
+    tree_budget: int | None = None
     draft_depth: int = 8
     draft_top_k: int = 10
     draft_vocab_size: int | None = None
-    draft_min_prob: float = 0.0
+    draft_min_prob: float | None = None
     draft_int8: bool = True
     lookup_tokens: int = 6
     seed: int = 0
@@ -134,10 +141,10 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.speculation not in SPECULATION_MODES:
-            raise ValueError(f"speculation must be one of {SPECULATION_MODES}, got {self.speculation!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.drafter not in DRAFTER_KINDS + ("auto",):
+            raise ValueError(f"drafter must be one of {DRAFTER_KINDS + ('auto',)}, got {self.drafter!r}")
         for name in ("tp", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -145,18 +152,36 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0 (0: all), got {self.draft_vocab_size}")
-        if not 0.0 <= self.draft_min_prob < 1.0:
+        if self.draft_min_prob is not None and not 0.0 <= self.draft_min_prob < 1.0:
             raise ValueError(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}")
         if self.draft_depth < 1 or self.draft_top_k < 1:
             raise ValueError(f"draft_depth and draft_top_k must be >= 1, got {self.draft_depth}, {self.draft_top_k}")
-        if self.tree_budget < 0:
+        if self.tree_budget is not None and self.tree_budget < 0:
             raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
         if self.lookup_tokens < 0:
             raise ValueError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.device.startswith("cuda") and self.dtype == "float32":
-            pass  # allowed, just slow
+
+    def resolve(self, executor_dtype: str | None = None) -> "EngineConfig":
+        """A copy with every "auto" / None default replaced by the device's value.
+
+        executor_dtype: the dtype of an executor the engine is given (its drafter must match).
+        Resolving a resolved config changes nothing.
+        """
+        dtype = self.dtype if self.dtype != "auto" else executor_dtype or auto_dtype(self.device)
+        drafter = self.drafter
+        if drafter == "auto":
+            from engine.drafters.loading import default_drafter
+
+            drafter = default_drafter(self.model, self.device, self.draft_path)
+        return dataclasses.replace(
+            self, dtype=dtype, drafter=drafter,
+            tree_budget=auto_tree_budget(self.device) if self.tree_budget is None else self.tree_budget,
+            draft_vocab_size=(auto_draft_vocab_size(self.device) or 0) if self.draft_vocab_size is None
+            else self.draft_vocab_size,
+            draft_min_prob=auto_draft_min_prob(self.device) if self.draft_min_prob is None else self.draft_min_prob,
+        )
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise ValueError unless this config can serve ``model`` (TP split, context length)."""
@@ -186,36 +211,25 @@ def auto_dtype(device: str = "cpu") -> str:
 def auto_draft_vocab_size(device: str = "cpu") -> int | None:
     """Draft-head rows: all the drafter has on a GPU; the 4096 most frequent on a CPU, where a
     drafter call streams its head (4096 x 576 int8 = 2.4 MB for the default model, a quarter
-    of an EAGLE call's bytes). Same-process A/Bs at a 6-node tree with lookup: 4096 rows vs
-    8192 cost 0.8% of EAGLE's tau (0.15% of Medusa's) and gave both ~1% more speedup; 2048
-    lost 2.5% of tau (docs/benchmarks.md)."""
+    of an EAGLE call's bytes): fewer rows cost more acceptance than they save in reads, more
+    cost more reads than they add in acceptance
+    (docs/benchmarks.md#defaults-chosen-from-these-tables)."""
     return None if device.startswith("cuda") else 4096
 
 
 def auto_draft_min_prob(device: str = "cpu") -> float:
     """EAGLE's cost-aware stop: 0 (exact EAGLE-2 search) on a GPU, where a draft depth is a
-    small fraction of a target step; 0.2 on a CPU, where one depth (a fused drafter forward,
-    ~0.35 ms with the search in C) is ~2.5% of an 8-node verify step (~14 ms): on the tuning
-    prompts at the CPU's 8-node tree, tau per ms of a step is highest at 0.2, 4% above 0.35
-    (2.38 drafter forwards a step instead of 1.79, tau 2.41 instead of 2.30; session 14,
-    bench/draft_stop.py, docs/benchmarks.md)."""
+    small fraction of a target step; 0.2 on a CPU, where one depth (a fused drafter forward)
+    costs a few percent of a verify step, so a path less likely than that cannot repay it
+    (bench/draft_stop.py; docs/benchmarks.md#defaults-chosen-from-these-tables)."""
     return 0.0 if device.startswith("cuda") else 0.2
 
 
 def auto_tree_budget(device: str = "cpu") -> int:
-    """Largest draft tree per sequence: 60 nodes on a GPU (the EAGLE-2 paper's budget:
-    verifying them costs about one step). On a CPU it is what verifying extra rows costs:
-    with AMX tiles (treespec_kernels/cpu_fused.c) a 9-token verify step costs ~1.12x a one-token
-    step, and 6 nodes (plus the lookup chain) matched or beat 8 in all five runs with both
-    on session 19's Xeon (EAGLE 2.001-2.072x at 6 over eight runs, 1.993-2.053x at 8,
-    1.949-1.998x at 4; Medusa 1.685-1.737x at 6), for fewer rows of compute and KV per
-    request under load (8 was best by a hair in session 14); with AVX512-BF16 dot
-    products alone (an AMD Zen 4) up to ~10 rows cost about one, each row past that ~1 ms,
-    and 4 nodes (plus the lookup chain) was best on average over three runs of 4, 5 and 6
-    (EAGLE 1.83x / 1.80x / 1.76x, Medusa 1.61x / 1.58x / 1.51x); with the AVX2 build (fp32
-    multiply-adds, treespec_kernels/cpu_fused_avx2.h) on an AMD Zen 3, 2 nodes (plus the lookup
-    chain) beat 3 in three same-process runs of four and tied once, and 3 beat 4, 5 and 8
-    (bench/speculative.py, docs/benchmarks.md)."""
+    """Largest draft tree per sequence (plus the lookup chain): 60 nodes on a GPU, 6 on a CPU
+    with AMX tiles, 4 with AVX512-BF16 alone, 2 with the AVX2 build, because that is how many
+    verify rows each device adds before a step costs more than the accepted tokens repay
+    (docs/benchmarks.md#defaults-chosen-from-these-tables)."""
     if device.startswith("cuda"):
         return 60
     from treespec_kernels import cpu_fused

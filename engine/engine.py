@@ -50,6 +50,21 @@ class RequestOutput:
 
 
 @dataclass
+class EngineLoad:
+    """A snapshot of one engine's load and speculation state (what a replica reports)."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # admitted to the engine, waiting for KV blocks or a batch slot
+    max_num_seqs: int
+    kv_used: int  # KV blocks
+    kv_total: int
+    drafter: str | None  # the drafter's kind, None without one
+    drafter_healthy: bool
+    max_tree_budget: int  # the configured (largest) tree budget
+    tree_budget: int  # the budget in force now (0: not speculating)
+
+
+@dataclass
 class StepStats:
     kind: str
     batch_size: int
@@ -59,9 +74,24 @@ class StepStats:
     verify_time: float
 
 
+# The engine's front door: what a serving layer (app/, actors/replica.py) may call or read.
+# Everything else (scheduler, allocator, executor, drafter) is the engine's own business;
+# tests/test_engine_api.py holds app/ to this list.
+ENGINE_API = frozenset({
+    "add_request", "abort", "step", "has_unfinished", "is_admitted",
+    "set_policy", "load_report", "last_step", "tokenizer", "tokenize_chat",
+})
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None, drafter=None, tokenizer=None):
-        self.config = config
+        """Most callers want ``engine.build.build_engine``, which also loads the drafter.
+
+        config: resolved here (``EngineConfig.resolve``; dtype from the executor when given).
+        executor: the model; default an in-process one of ``config.model``.
+        drafter: an engine Drafter (engine/drafters/base.py), or None for no speculation.
+        """
+        self.config = config = config.resolve(getattr(executor, "dtype", None))
         model_dir = None
         if executor is None:
             model_dir = resolve_model(config.model)
@@ -137,6 +167,38 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self._inbox) or self.scheduler.has_work()
+
+    def is_admitted(self, request_id: str) -> bool:
+        """In the running batch (its KV blocks reserved), not waiting for memory or a slot."""
+        return any(s.request_id == request_id for s in list(self.scheduler.running))
+
+    # ------------------------------------------------------------------ policy and load
+
+    def set_policy(self, speculate: bool, tree_budget: int) -> None:
+        """The speculation policy from the next step on (call from the stepping thread).
+
+        tree_budget: draft nodes per sequence, at most the configured one; speculation also
+        needs a healthy drafter, so this never turns it on without one.
+        """
+        self.speculate = bool(speculate)
+        self.tree_budget = max(0, min(int(tree_budget), self.config.tree_budget)) if speculate else 0
+
+    @property
+    def tree_budget_in_force(self) -> int:
+        return self.tree_budget if (self.speculate and self.drafter_healthy) else 0
+
+    @property
+    def drafter_kind(self) -> str | None:
+        return getattr(self.drafter, "kind", None) if self.drafter is not None else None
+
+    def load_report(self) -> EngineLoad:
+        kind = self.drafter_kind
+        return EngineLoad(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            max_num_seqs=self.config.max_num_seqs, kv_used=self.allocator.num_used,
+            kv_total=self.allocator.num_blocks, drafter=kind, drafter_healthy=bool(self.drafter_healthy and kind),
+            max_tree_budget=self.config.tree_budget, tree_budget=self.tree_budget_in_force,
+        )
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._lock:

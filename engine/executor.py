@@ -13,6 +13,7 @@ from engine.runner import ModelInput, ModelOutput, ModelRunner
 
 class Executor:
     config: ModelConfig
+    dtype: str  # "float32", "bfloat16" or "float16"
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         raise NotImplementedError
@@ -39,6 +40,7 @@ class InProcessExecutor(Executor):
                  load: bool = True):
         self.runner = ModelRunner(model_dir, dtype, device, config=config, load=load)
         self.config = self.runner.config
+        self.dtype = dtype
 
     def kv_bytes_per_block(self, block_size):
         return self.runner.kv_bytes_per_block(block_size)

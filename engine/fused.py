@@ -4,8 +4,10 @@ A one-token decode step of a small model on a CPU is bound by reading every weig
 once; the eager torch path adds ~2,000 small ops on top. ``FusedModel`` copies a
 bf16 model's matrices into one arena per thread (each thread's rows of every matrix,
 in the order the forward uses them) and runs a whole forward for a few rows in one C
-call. Prefill chunks longer than ``max_rows`` (32, or 256 on AMX tiles) stay on the
-torch path, where oneDNN's GEMMs are compute-bound and faster.
+call of at most ``max_rows`` rows (32, or 256 on AMX tiles and in the AVX2 build); a
+prefill of up to ``PREFILL_CHUNKS`` times that runs as such calls in order
+(engine/runner.py), and longer ones stay on the torch path, where oneDNN's GEMMs are
+compute-bound and as fast.
 
 ``FusedModel.for_target(model)`` packs the target (None, and the caller
 keeps torch, when the model or machine does not qualify or ``TREESPEC_CPU_KERNEL=torch``);

@@ -1,8 +1,8 @@
 """Command line generation: ``python -m engine.generate --prompt TEXT [--json]``.
 
-Applies the model's chat template, runs the engine (optionally with a drafter)
-and prints the completion, or one JSON line with text, tokens, tokens_per_s and
-mean_accepted.
+Applies the model's chat template, runs the engine built as the server builds it
+(``engine.build.build_engine``: the same "auto" defaults, drafter included) and prints
+the completion, or one JSON line with text, tokens, tokens_per_s and mean_accepted.
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--speculation", default="off", choices=["off", "eagle", "medusa"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--drafter", default="auto", choices=["auto", "off", "eagle", "medusa"],
+                    help="auto: the shipped drafter of the default model, else off")
     ap.add_argument("--draft", default=None, help="drafter directory (default: the shipped one)")
-    ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step")
+    ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step (default: auto)")
     ap.add_argument("--draft-vocab", type=int, default=None,
-                    help="draft-head rows, the drafter's most frequent tokens first (default: all)")
-    ap.add_argument("--draft-min-prob", type=float, default=0.0,
+                    help="draft-head rows, the drafter's most frequent tokens first (0: all; default: auto)")
+    ap.add_argument("--draft-min-prob", type=float, default=None,
                     help="EAGLE: stop drafting deeper below this path probability (0: exact EAGLE-2 search)")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -42,17 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        from engine.build import build_engine
         from engine.config import EngineConfig
         from engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
-        cfg = EngineConfig(model=args.model, dtype=args.dtype, speculation=args.speculation,
-                           draft_path=args.draft, max_num_seqs=1, draft_vocab_size=args.draft_vocab,
+        cfg = EngineConfig(model=args.model, dtype=args.dtype, drafter=args.drafter, draft_path=args.draft,
+                           max_num_seqs=1, tree_budget=args.tree_budget, draft_vocab_size=args.draft_vocab,
                            draft_min_prob=args.draft_min_prob)
-        if args.tree_budget is not None:
-            cfg.tree_budget = args.tree_budget
-            cfg.validate()
         engine = build_engine(cfg)
         prompt = args.prompt if args.raw else engine.tokenize_chat([{"role": "user", "content": args.prompt}])
         t0 = time.perf_counter()
@@ -68,27 +67,12 @@ def main(argv=None) -> int:
             "tokens": len(out.token_ids),
             "tokens_per_s": round(len(out.token_ids) / dt, 2),
             "finish_reason": out.finish_reason,
-            "speculation": args.speculation,
+            "drafter": engine.config.drafter,
             "mean_accepted": round(out.seq.stats.mean_accepted, 3),
         }))
     else:
         print(text)
     return 0
-
-
-def build_engine(cfg):
-    """An in-process engine with the drafter ``cfg.speculation`` names."""
-    from engine.drafters.loading import load_drafter
-    from engine.engine import LLMEngine
-    from engine.executor import InProcessExecutor
-    from engine.weights import resolve_model
-
-    model_dir = resolve_model(cfg.model)
-    executor = InProcessExecutor(model_dir, cfg.dtype, cfg.device)
-    drafter = load_drafter(cfg, model_dir, executor) if cfg.speculation != "off" else None
-    from transformers import AutoTokenizer
-
-    return LLMEngine(cfg, executor, drafter, AutoTokenizer.from_pretrained(model_dir))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,3 @@ class BlockAllocator:
 
     def release(self, block_table: list[int]) -> None:
         self.trim(block_table, 0)
-
-    def slot(self, block_table: list[int], position: int) -> int:
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -182,7 +182,8 @@ class ModelRunner:
             pack_cpu_weights(self.model)  # bf16 only; a no-op for other dtypes
         # Decode and verify steps of a bf16 single-rank CPU model run as one C call.
         # fused=False keeps the torch path (comparisons); the kernel's own conditions are in
-        # engine/fused.py (bf16, world size 1, AVX512-BF16, a C compiler).
+        # engine/fused.py (bf16, world size 1, AVX512-BF16 or AVX2 + FMA, a C compiler:
+        # treespec_kernels/cpu_fused.py).
         self.fused = (FusedModel.for_target(self.model)
                       if fused and load and self.device.type == "cpu" else None)
         self.block_size = 0

@@ -93,7 +93,6 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.release(seq.block_table)
         seq.num_cached = 0
-        seq.draft_state = {}
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 

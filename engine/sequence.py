@@ -57,7 +57,6 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.speculation: str | None = None  # per-request override: None=engine default, "off", ...
-        self.draft_state: dict = {}  # drafter-owned per-sequence state (e.g. EAGLE features)
         self.ngrams = None  # engine.lookup.NgramIndex, made at its first speculative step
         self.output_text = ""  # filled by the engine when stop strings are used
 

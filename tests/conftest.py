@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -48,10 +49,11 @@ def make_engine(executor, tokenizer):
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
-    def make(drafter=None, **kw):
+    def make(drafter_model=None, /, **kw):  # kw: EngineConfig fields (drafter= names the kind)
         kw.setdefault("num_blocks", 256)
         kw.setdefault("block_size", 16)
-        return LLMEngine(EngineConfig(**kw), executor, drafter, tokenizer)
+        kw.setdefault("tree_budget", 60)  # room for any tree a test drafts (not the CPU's auto budget)
+        return LLMEngine(EngineConfig(**kw), executor, drafter_model, tokenizer)
 
     return make
 
@@ -95,3 +97,24 @@ def random_llama_dir(path: str, *, heads=6, kv_heads=2, hidden=96, layers=2, voc
                 p.normal_(0, 0.08)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ------------------------------------------------------------------------------ served apps
+
+
+def replica_status(base: str) -> dict:
+    """The LLM replica's state as /health reports it (engine load, active requests, decision)."""
+    import httpx
+
+    return httpx.get(base + "/health", timeout=10).json()["replica"]
+
+
+def wait_replica_idle(base: str, timeout: float = 30.0) -> dict:
+    """Wait until the replica holds no request and no KV block; its status then."""
+    deadline = time.time() + timeout
+    while True:
+        st = replica_status(base)
+        if st["active"] == 0 and st["running"] == 0 and st["waiting"] == 0 and st["kv_used"] == 0:
+            return st
+        assert time.time() < deadline, f"requests or KV blocks left over: {st}"
+        time.sleep(0.2)

@@ -132,7 +132,7 @@ class OracleDrafter(DrafterBase):
 
 
 def in_process_tokens(model_dir: str, prompts, params=GREEDY, **cfg) -> list[list[int]]:
-    config = EngineConfig(model=model_dir, num_blocks=64, tree_budget=0, **cfg)
+    config = EngineConfig(model=model_dir, num_blocks=64, tree_budget=0, **cfg, dtype="float32")
     engine = LLMEngine(config, executor=InProcessExecutor(model_dir))
     return [o.token_ids for o in engine.generate(prompts, params)]
 
@@ -165,7 +165,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_config(path, **kw) -> EngineConfig:
-    return EngineConfig(model=path, num_blocks=64, max_model_len=256, **kw)
+    return EngineConfig(model=path, num_blocks=64, max_model_len=256, **kw, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
 
 
 # ---------------------------------------------------------------------- same tokens
@@ -175,7 +175,7 @@ def tiny_config(path, **kw) -> EngineConfig:
 def default_reference():
     from engine.weights import default_model_dir
 
-    engine = LLMEngine(EngineConfig(num_blocks=64, tree_budget=0))
+    engine = LLMEngine(EngineConfig(num_blocks=64, tree_budget=0, dtype="float32"))
     prompts = [engine.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}]),
                engine.tokenizer.encode("def fibonacci(n):")]
     outs = [o.token_ids for o in engine.generate(prompts, GREEDY)]
@@ -184,17 +184,17 @@ def default_reference():
 
 def draft_path(kind: str) -> str | None:
     """The shipped drafter of the default model, else an untrained one (still lossless)."""
-    from engine.drafters.loading import shipped_drafter
+    from engine.drafters.loading import shipped_drafter_dir
 
-    return None if os.path.exists(os.path.join(shipped_drafter(kind), "config.json")) else "random"
+    return None if os.path.exists(os.path.join(shipped_drafter_dir(kind), "config.json")) else "random"
 
 
 @pytest.mark.parametrize("speculation", DRAFTER_KINDS)
 @pytest.mark.parametrize("tp", [1, 3])
 def test_default_model_matches_in_process(default_reference, tp, speculation):
     model_dir, prompts, expected = default_reference
-    spec = {} if speculation == "off" else {"speculation": speculation, "draft_path": draft_path(speculation)}
-    replica = Replica(EngineConfig(tp=tp, num_blocks=64, tree_budget=16 if spec else 0, **spec),
+    spec = {} if speculation == "off" else {"drafter": speculation, "draft_path": draft_path(speculation)}
+    replica = Replica(EngineConfig(tp=tp, num_blocks=64, tree_budget=16 if spec else 0, **spec, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0),
                       executor_options=SMALL, drafter_required=True)
     try:
         outs = replica.generate(prompts, GREEDY)

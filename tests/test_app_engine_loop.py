@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from actors.router import LoadReport, SpeculationPolicy
+from actors.router import SpeculationPolicy
 from app.server import EngineLoop
 from engine.drafters.base import Drafter, DraftTree
 from engine.sampling import SamplingParams
@@ -48,7 +48,7 @@ def engine():
     from engine.engine import LLMEngine
     from engine.weights import resolve_model
 
-    cfg = EngineConfig(speculation="eagle", tree_budget=8, max_model_len=256, num_blocks=64, max_num_seqs=4)
+    cfg = EngineConfig(drafter="eagle", tree_budget=8, max_model_len=256, num_blocks=64, max_num_seqs=4, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
     return LLMEngine(cfg, drafter=ChainDrafter(), tokenizer=AutoTokenizer.from_pretrained(resolve_model("default")))
 
 
@@ -75,13 +75,13 @@ def test_policy_applied_between_steps_and_reported(engine):
         assert updates[0].step_kind == "prefill" and updates[-1].finished and len(spec_tokens) == 16
         assert updates[-1].tree_budget == 8 and updates[-1].stats["drafted"] > 0
         load = loop.load()
-        assert load["drafter"] == "eagle" and load["drafter_healthy"] and load["tree_budget"] == 8
-        assert load["spec_seq_steps"] > 0 and load["spec_tokens"] >= load["spec_seq_steps"]
-        assert any(n > 0 for _, n, _, _, _ in load["step_times"])
+        assert load.drafter == "eagle" and load.drafter_healthy and load.tree_budget == 8
+        assert load.spec_seq_steps > 0 and load.spec_tokens >= load.spec_seq_steps
+        assert any(n > 0 for _, n, _, _, _ in load.step_times)
         # The toy drafter's trees are (almost) never accepted; the router learns that from the report.
-        tau = load["spec_tokens"] / load["spec_seq_steps"]
+        tau = load.spec_tokens / load.spec_seq_steps
         assert tau < 1.5
-        d = policy.observe("r", LoadReport.from_dict(load), now=0)
+        d = policy.observe("r", load, now=0)
         assert policy.replicas["r"].acceptance[8][0] == pytest.approx(tau)
         assert not d.speculate and "costs more" in d.reason
 
@@ -91,8 +91,8 @@ def test_policy_applied_between_steps_and_reported(engine):
         assert plain_tokens == spec_tokens
         assert updates[-1].tree_budget == 0 and updates[-1].stats["drafted"] == 0
         load = loop.load()
-        assert load["tree_budget"] == 0 and load["spec_seq_steps"] == 0
-        assert all(n == 0 for _, n, _, _, _ in load["step_times"])
+        assert load.tree_budget == 0 and load.spec_seq_steps == 0
+        assert all(n == 0 for _, n, _, _, _ in load.step_times)
 
         # Back on; then the drafter fails mid-request: the request finishes, the report says unhealthy,
         # and the router turns speculation off for this replica at once.
@@ -101,8 +101,8 @@ def test_policy_applied_between_steps_and_reported(engine):
         tokens, _ = asyncio.run(_run(loop, "c", prompt, 8))
         assert tokens == spec_tokens[:8]
         load = loop.load()
-        assert not load["drafter_healthy"]
-        d = policy.observe("r", LoadReport.from_dict(load), now=1)
+        assert not load.drafter_healthy
+        d = policy.observe("r", load, now=1)
         assert not d.speculate and d.tree_budget == 0 and "unhealthy" in d.reason
 
         # Abort frees the request's KV blocks.

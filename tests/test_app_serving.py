@@ -19,6 +19,8 @@ import pytest
 import ray
 from ray import serve
 
+from conftest import replica_status, wait_replica_idle
+
 MODEL = "SmolLM2-135M-Instruct"
 CONTEXT = 512
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -130,17 +132,13 @@ def served():
         receiver.close()
 
 
-def _status(base) -> dict:
-    return httpx.get(base + "/health", timeout=10).json()["replica"]
-
-
 # ---------------------------------------------------------------------------------------- the API
 
 
 def test_models_and_health(served):
     models = served["openai"].models.list()
     assert [m.id for m in models.data] == [MODEL]
-    status = _status(served["base"])
+    status = replica_status(served["base"])
     assert status["kv_total"] > 0 and status["drafter"] is None and not status["drafter_healthy"]
 
 
@@ -273,27 +271,17 @@ def test_overload_gets_429_or_503_with_retry_after(served):
         assert int(headers.get("retry-after", 0)) >= 1 and json.loads(text)["error"]["type"] in ("rate_limit_error",
                                                                                         "server_error"), (status, text)
     assert all(n == 24 for s, _, n in results if s == 200), "admitted requests run to the end"
-    _wait_idle(served["base"])
-
-
-def _wait_idle(base, timeout=30.0) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        st = _status(base)
-        if st["active"] == 0 and st["running"] == 0 and st["waiting"] == 0 and st["kv_used"] == 0:
-            return st
-        assert time.time() < deadline, f"replica never went idle: {st}"
-        time.sleep(0.2)
+    wait_replica_idle(served["base"])
 
 
 def test_client_disconnect_aborts_and_frees_kv_blocks(served):
     base = served["base"]
-    _wait_idle(base)
+    wait_replica_idle(base)
     seen = {}
 
     def watch():
         while "stop" not in seen:
-            st = _status(base)
+            st = replica_status(base)
             seen["max_kv"] = max(seen.get("max_kv", 0), st["kv_used"])
             time.sleep(0.1)
 
@@ -302,7 +290,7 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(served):
     t0 = time.time()
     status, _, n = _stream(base, 400, hold=3)  # would take a long while; we leave after 3 chunks
     assert status == 200 and n == 3
-    st = _wait_idle(base, timeout=15)
+    st = wait_replica_idle(base, timeout=15)
     seen["stop"] = True
     t.join()
     assert seen["max_kv"] > 0, "the request held KV blocks while it ran"
@@ -311,7 +299,7 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(served):
     body = {"messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/chat/completions", json=body, timeout=2.0)
-    assert _wait_idle(base, timeout=5)["kv_used"] == 0, "400 tokens take far longer: it was aborted"
+    assert wait_replica_idle(base, timeout=5)["kv_used"] == 0, "400 tokens take far longer: it was aborted"
     # The replica still serves.
     out = served["openai"].chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
     assert out.choices[0].message.content
@@ -341,7 +329,7 @@ def test_no_kv_memory_gets_503_with_retry_after(tight):
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, tight + "/v1/completions", json=big, timeout=120)
         deadline = time.time() + 30
-        while _status(tight)["kv_used"] < 13:  # the big prompt (and its tree scratch) holds 14 of 16 blocks
+        while replica_status(tight)["kv_used"] < 13:  # the big prompt (and its tree scratch) holds 14 of 16 blocks
             assert time.time() < deadline and not first.done(), "the big request never started"
             time.sleep(0.02)
         small = {"prompt": [314] * 60, "max_tokens": 4, "temperature": 0, "stream": True}  # needs 5 blocks
@@ -352,7 +340,7 @@ def test_no_kv_memory_gets_503_with_retry_after(tight):
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 20
     r = httpx.post(tight + "/v1/completions", json={**small, "stream": False}, timeout=60)
     assert r.status_code == 200, "with the memory back the same request runs"
-    assert _status(tight)["kv_used"] == 0
+    assert replica_status(tight)["kv_used"] == 0
     # Speculation through the whole stack is lossless: greedy text equals the plain replica's.
     plain = httpx.post(tight.removesuffix("/tight") + "/v1/chat/completions", timeout=60,
                        json={"messages": QUESTION, "max_tokens": 12, "temperature": 0}).json()

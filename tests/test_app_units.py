@@ -23,32 +23,39 @@ def tokenizer():
 
 def test_app_args_from_command_line_strings():
     cfg = AppConfig.from_args({"tp": "3", "router": "false", "kv_cache_gib": "0.25", "num_blocks": "none",
-                               "drafter": "off", "max_replicas": "4"})
-    assert (cfg.tp, cfg.router, cfg.kv_cache_gib, cfg.num_blocks, cfg.max_replicas) == (3, False, 0.25, None, 4)
-    assert cfg.engine_config("off").tree_budget == 0
-    assert cfg.engine_config("eagle").tree_budget == cfg.tree_budget
+                               "drafter": "off", "max_replicas": "4", "draft_top_k": "4"})
+    engine = cfg.engine
+    assert (engine.tp, cfg.router, engine.kv_cache_gib, engine.num_blocks, cfg.max_replicas) == (3, False, 0.25, None, 4)
+    assert (engine.drafter, engine.draft_top_k) == ("off", 4)
+    assert AppConfig.from_dict(cfg.to_dict()) == cfg  # how the deployments receive it
     assert AppConfig.from_args({}).model_name == "SmolLM2-135M-Instruct"
     assert AppConfig.from_args({"model": "/m/Llama-3.1-8B-Instruct/"}).model_name == "Llama-3.1-8B-Instruct"
 
 
 def test_device_dependent_defaults():
+    """Engine fields left at auto resolve per device, the same for the server and every other entry point."""
     import torch
 
+    from engine.config import EngineConfig
     from engine.fused import fused_kernel_available
     from treespec_kernels.cpu_fused import has_amx, isa
 
-    cpu = AppConfig.from_args({})
+    cpu = AppConfig.from_args({}).engine.resolve()
+    assert cpu == EngineConfig().resolve()
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     # bf16 where oneDNN or the fused kernel runs it; multi-row verification is cheap on AMX
     # tiles, dearer with AVX512-BF16 dot products, dearest with AVX2's fp32 multiply-adds
     assert cpu.dtype == ("bfloat16" if bf16 or fused_kernel_available() else "float32")
     assert cpu.tree_budget == ((6 if has_amx() else 4) if isa() == "avx512" else 2)
-    assert cpu.engine_config("eagle").draft_vocab_size == 4096  # small CPU trees: a cheaper draft head
-    gpu = AppConfig.from_args({"device": "cuda"})  # config only: nothing runs on the device here
-    assert (gpu.dtype, gpu.tree_budget) == ("bfloat16", 60)
-    assert not gpu.engine_config("eagle").draft_vocab_size  # all of the drafter's vocabulary
-    explicit = AppConfig.from_args({"dtype": "float32", "tree_budget": "32"})
-    assert (explicit.dtype, explicit.tree_budget, explicit.engine_config("eagle").tree_budget) == ("float32", 32, 32)
+    assert cpu.draft_vocab_size == 4096  # small CPU trees: a cheaper draft head
+    assert cpu.drafter == "eagle"  # the default model's shipped drafter
+    gpu = AppConfig.from_args({"device": "cuda"}).engine.resolve()  # config only: nothing runs on the device here
+    assert (gpu.dtype, gpu.tree_budget, gpu.drafter) == ("bfloat16", 60, "eagle")
+    assert not gpu.draft_vocab_size  # all of the drafter's vocabulary
+    explicit = AppConfig.from_args({"dtype": "float32", "tree_budget": "32"}).engine.resolve()
+    assert (explicit.dtype, explicit.tree_budget) == ("float32", 32)
+    other = AppConfig.from_args({"model": "/m/Llama-3.1-8B-Instruct"}).engine.resolve()
+    assert other.drafter == "off"  # no shipped drafter for it
 
 
 @pytest.mark.parametrize("args, match", [

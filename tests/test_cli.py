@@ -15,7 +15,7 @@ def generate(*args, timeout=300):
 
 def test_json_line_with_speculation():
     r = generate("--prompt", "What is the capital of France?", "--max-tokens", "12", "--json",
-                 "--speculation", "eagle", "--draft", "random", "--tree-budget", "4")
+                 "--drafter", "eagle", "--draft", "random", "--tree-budget", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert "Paris" in out["text"]
@@ -25,7 +25,7 @@ def test_json_line_with_speculation():
 def test_bad_arguments_get_one_line_errors():
     for args in (["--prompt", "hi", "--max-tokens", "-3"], ["--prompt", "hi", "--temperature", "9"],
                  ["--prompt", "hi", "--max-tokens", "ten"], ["--prompt", "hi", "--model", "/nonexistent"],
-                 ["--prompt", "hi", "--speculation", "eagle", "--draft", "/nonexistent"]):
+                 ["--prompt", "hi", "--drafter", "eagle", "--draft", "/nonexistent"]):
         r = generate(*args)
         assert r.returncode != 0, args
         lines = r.stderr.strip().splitlines()

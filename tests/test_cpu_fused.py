@@ -4,8 +4,9 @@ Oracles: transformers' fp32 logits (the fused bf16 path must be no less accurate
 the torch bf16 path), the engine's fp32 torch path on random configs (paged attention
 with trees and several sequences), and decoding the accepted path one token at a time
 (a tree row must give bit-identical results: that is what keeps speculation lossless).
-Skipped, with the reason, on machines without AVX512-BF16 or a C compiler; on a CPU
-with AMX the GEMVs run on tiles, and the random-config test checks both paths.
+Skipped, with the reason, where neither build fits (AVX512-BF16, or AVX2 + FMA: see
+treespec_kernels/cpu_fused.py) or there is no C compiler; on a CPU with AMX the GEMVs run
+on tiles, and the random-config test checks both paths.
 """
 from __future__ import annotations
 
@@ -236,7 +237,7 @@ def test_bf16_speculation_equals_plain_greedy(default_dir, tokenizer, chat_promp
     prompts = chat_prompts[:3]
     plain = LLMEngine(EngineConfig(dtype="bfloat16", num_blocks=128, max_num_seqs=2), executor, None, tokenizer)
     want = [o.token_ids for o in plain.generate(prompts, params)]
-    cfg = EngineConfig(dtype="bfloat16", num_blocks=128, max_num_seqs=2, speculation=kind, tree_budget=8)
+    cfg = EngineConfig(dtype="bfloat16", num_blocks=128, max_num_seqs=2, drafter=kind, tree_budget=8, draft_min_prob=0.0, draft_vocab_size=0)
     engine = LLMEngine(cfg, executor, load_drafter(cfg, default_dir, executor), tokenizer)
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == want
@@ -257,7 +258,7 @@ def test_fused_eagle_drafter_tracks_the_torch_drafter(default_dir, chat_prompts,
     if int8 and not int8_available():
         pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
-    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=8, draft_min_prob=0.0, draft_int8=int8)
+    cfg = EngineConfig(dtype="bfloat16", drafter="eagle", tree_budget=8, draft_min_prob=0.0, draft_int8=int8, draft_vocab_size=0)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
     assert fused.fused is not None and fused.fused.int8 == int8
     eager.fused = None
@@ -348,7 +349,7 @@ def test_eagle_draft_step_in_c_equals_the_search_in_python(default_dir, chat_pro
     from engine.executor import InProcessExecutor
 
     executor = InProcessExecutor(default_dir, "bfloat16")
-    cfg = EngineConfig(dtype="bfloat16", speculation="eagle", tree_budget=budget, draft_min_prob=min_prob,
+    cfg = EngineConfig(dtype="bfloat16", drafter="eagle", tree_budget=budget, draft_min_prob=min_prob,
                        draft_vocab_size=4096)
     drafter = load_drafter(cfg, default_dir, executor)
     fm, k = drafter.fused, min(cfg.draft_top_k, budget)
@@ -391,7 +392,7 @@ def test_eagle_input_rows_gathered_by_the_kernel_equal_torch_cat(default_dir):
     from engine.executor import InProcessExecutor
 
     executor = InProcessExecutor(default_dir, "bfloat16")
-    drafter = load_drafter(EngineConfig(dtype="bfloat16", speculation="eagle"), default_dir, executor)
+    drafter = load_drafter(EngineConfig(dtype="bfloat16", drafter="eagle", draft_min_prob=0.0, draft_vocab_size=0), default_dir, executor)
     fm, embed = drafter.fused, drafter.embed_weight
     torch.manual_seed(0)
     feats = torch.randn(5, fm.hidden).to(torch.bfloat16)
@@ -425,7 +426,7 @@ def test_fused_medusa_heads_match_torch(default_dir, chat_prompts, int8):
     if int8 and not int8_available():
         pytest.skip("int8 drafter weights need AMX-INT8 tiles, AVX512-VNNI or the AVX2 build")
     executor = InProcessExecutor(default_dir, "bfloat16")
-    cfg = EngineConfig(dtype="bfloat16", speculation="medusa", tree_budget=5, draft_int8=int8)
+    cfg = EngineConfig(dtype="bfloat16", drafter="medusa", tree_budget=5, draft_int8=int8, draft_min_prob=0.0, draft_vocab_size=0)
     fused, eager = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
     assert fused.fused is not None and fused.fused.int8 == int8
     eager.fused = None

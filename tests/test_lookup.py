@@ -77,11 +77,11 @@ def test_lookup_chains_are_lossless_and_accepted(make_engine, tokenizer, chat_pr
                                              tokenize=True, return_dict=False)] + chat_prompts[:batch - 1]
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     plain = make_engine(max_num_seqs=batch).generate(prompts, params)
-    engine = make_engine(Silent(), max_num_seqs=batch, tree_budget=1, speculation="eagle", lookup_tokens=6)
+    engine = make_engine(Silent(), max_num_seqs=batch, tree_budget=1, drafter="eagle", lookup_tokens=6)
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     tau = outs[0].seq.stats.committed / outs[0].seq.stats.verify_steps
     assert tau > 1.5, tau  # the copied list came from the lookup chain, several tokens a step
     assert engine.kv_blocks_used == 0
-    off = make_engine(Silent(), tree_budget=1, speculation="eagle", lookup_tokens=0).generate(prompts[:1], params)[0]
+    off = make_engine(Silent(), tree_budget=1, drafter="eagle", lookup_tokens=0).generate(prompts[:1], params)[0]
     assert off.seq.stats.committed == off.seq.stats.verify_steps  # without lookup: nothing to accept

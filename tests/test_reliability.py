@@ -27,6 +27,8 @@ import pytest
 import ray
 from ray import serve
 
+from conftest import replica_status, wait_replica_idle
+
 CONTEXT = 256
 SOAK_RATE = 0.8  # req/s of 8 tokens: below what this replica (ray executor, random drafter, 1 thread) sustains
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -71,20 +73,6 @@ def served():
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def _status(base: str) -> dict:
-    return httpx.get(base + "/health", timeout=10).json()["replica"]
-
-
-def _wait_kv_free(base: str, timeout: float = 20) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        st = _status(base)
-        if st["kv_used"] == 0 and st["active"] == 0 and st["running"] == 0 and st["waiting"] == 0:
-            return st
-        assert time.time() < deadline, f"KV blocks or requests left over: {st}"
-        time.sleep(0.25)
 
 
 async def _stream(client: httpx.AsyncClient, base: str, max_tokens: int, read_delay: float = 0.0,
@@ -197,7 +185,7 @@ def test_found_by_fuzzing(served, route, extra, status):
     body = json.dumps({"max_tokens": 2, **extra})  # ASCII with \u escapes: a lone surrogate survives the wire
     r = httpx.post(served["base"] + route, content=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
-    assert _status(served["base"])["kv_total"] > 0  # the replica is still serving
+    assert replica_status(served["base"])["kv_total"] > 0  # the replica is still serving
 
 
 # ---------------------------------------------------------------------------------------- soak
@@ -209,14 +197,14 @@ def test_soak_short(served):
     results = _soak(served["base"], seconds, rate=SOAK_RATE)
     _check_soak(results, 8)
     assert time.perf_counter() - t0 < seconds + 100
-    _wait_kv_free(served["base"])
+    wait_replica_idle(served["base"])
 
 
 @pytest.mark.slow
 def test_soak_long(served):
     results = _soak(served["base"], float(os.environ.get("TREESPEC_LONG_SOAK_S", "180")), rate=SOAK_RATE)
     _check_soak(results, 8)
-    _wait_kv_free(served["base"])
+    wait_replica_idle(served["base"])
 
 
 # ---------------------------------------------------------------------------------------- clients
@@ -231,7 +219,7 @@ def test_slow_reader_completes_and_frees_kv(served):
     slow, fast = asyncio.run(run())
     assert slow["done"] and slow["tokens"] == 12 and slow["error"] is None, slow
     assert fast["done"] and fast["tokens"] == 12, fast
-    _wait_kv_free(served["base"])
+    wait_replica_idle(served["base"])
 
 
 def test_disconnecting_clients_free_kv(served):
@@ -247,7 +235,7 @@ def test_disconnecting_clients_free_kv(served):
                 client.post(base + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
             except httpx.TimeoutException:
                 pass
-    _wait_kv_free(base, timeout=30)
+    wait_replica_idle(base, timeout=30)
     r = httpx.post(base + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4, "temperature": 0},
                    timeout=60)
     assert r.status_code == 200
@@ -284,10 +272,10 @@ def test_drafter_killed_under_load_requests_complete(served):
     results = _in_flight(base, 4, 24, lambda: os.kill(pids[0], signal.SIGKILL), delay=3.0)
     for r in results:
         assert r["status"] == 200 and r["done"] and r["error"] is None and r["tokens"] == 24, r
-    _wait_kv_free(base)
+    wait_replica_idle(base)
     deadline = time.time() + 90  # the replica brings a new drafter up in the background
-    while not _status(base)["drafter_healthy"]:
-        assert time.time() < deadline, _status(base)
+    while not replica_status(base)["drafter_healthy"]:
+        assert time.time() < deadline, replica_status(base)
         httpx.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
         time.sleep(0.5)
     assert _actor_pids("Drafter") and pids[0] not in _actor_pids("Drafter")
@@ -317,7 +305,7 @@ def test_shard_killed_clear_error_then_recovers(served):
         time.sleep(1)
     assert r.json()["usage"]["completion_tokens"] == 4
     assert pids[0] not in _actor_pids("TargetShard")
-    _wait_kv_free(base, timeout=30)
+    wait_replica_idle(base, timeout=30)
 
 
 # ---------------------------------------------------------------------------------------- shutdown

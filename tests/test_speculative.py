@@ -19,13 +19,13 @@ def references(executor, tokenizer, chat_prompts):
     """Plain greedy continuations of 8 prompts (batched plain decoding == alone, see test_decoding)."""
     from engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(num_blocks=256, max_num_seqs=8), executor, None, tokenizer)
+    engine = LLMEngine(EngineConfig(num_blocks=256, max_num_seqs=8, dtype="float32"), executor, None, tokenizer)
     outs = engine.generate(chat_prompts, GREEDY)
     return {tuple(p): p + o.token_ids for p, o in zip(chat_prompts, outs)}
 
 
 def run(make_engine, drafter, prompts, batch, budget):
-    engine = make_engine(drafter, max_num_seqs=batch, tree_budget=budget, speculation=drafter.kind)
+    engine = make_engine(drafter, max_num_seqs=batch, tree_budget=budget, drafter=drafter.kind)
     outs = engine.generate(prompts, GREEDY)
     assert engine.kv_blocks_used == 0
     return engine, outs
@@ -49,7 +49,7 @@ def test_real_drafters_equal_greedy(make_engine, executor, default_dir, referenc
     target they were not trained for: some drafts accepted, some rejected, output lossless."""
     # Small trees and the CPU server's 4096-row draft head keep the drafters cheap on the
     # torch path (a full fp32 head streams 113 MB a depth); the scripted test covers large trees.
-    cfg = EngineConfig(speculation=kind, tree_budget=4, draft_depth=2, draft_top_k=2, draft_vocab_size=4096)
+    cfg = EngineConfig(drafter=kind, tree_budget=4, draft_depth=2, draft_top_k=2, draft_vocab_size=4096, dtype="float32", draft_min_prob=0.0)
     drafter = load_drafter(cfg, default_dir, executor)
     prompts = chat_prompts if batch > 1 else chat_prompts[:4]  # batch 1: 4x the steps a token
     engine, outs = run(make_engine, drafter, prompts, batch, budget=4)
@@ -64,7 +64,7 @@ def test_real_drafters_equal_greedy(make_engine, executor, default_dir, referenc
 def test_mixed_speculating_and_plain_sequences(make_engine, references, chat_prompts):
     """Sequences that speculate and sequences that do not share the same steps."""
     engine = make_engine(ScriptedDrafter(references, vocab=49152, seed=3), max_num_seqs=4, tree_budget=16,
-                         speculation="eagle")
+                         drafter="eagle")
     ids = [engine.add_request(p, GREEDY, speculation="off" if i % 2 else None) for i, p in enumerate(chat_prompts[:4])]
     done = {}
     while engine.has_unfinished():
@@ -79,7 +79,7 @@ def test_mixed_speculating_and_plain_sequences(make_engine, references, chat_pro
 def test_kv_cache_equals_plain_decoding(make_engine, references, chat_prompts):
     """After many speculative steps with rejections, the cache holds exactly the plain-decoding KV."""
     prompt = chat_prompts[1]
-    spec = make_engine(ScriptedDrafter(references, vocab=49152, seed=5), tree_budget=24, speculation="eagle")
+    spec = make_engine(ScriptedDrafter(references, vocab=49152, seed=5), tree_budget=24, drafter="eagle")
     plain = make_engine()
     rid_s = spec.add_request(prompt, GREEDY)
     rid_p = plain.add_request(prompt, GREEDY)
@@ -107,7 +107,7 @@ def test_drafter_failure_falls_back_to_plain(make_engine, references, chat_promp
         def propose(self, request_ids, budgets):
             raise RuntimeError("drafter crashed")
 
-    engine = make_engine(Broken(references, vocab=49152), tree_budget=8, speculation="eagle")
+    engine = make_engine(Broken(references, vocab=49152), tree_budget=8, drafter="eagle")
     out = engine.generate([chat_prompts[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
     assert chat_prompts[0] + out.token_ids == references[tuple(chat_prompts[0])][: len(chat_prompts[0]) + 20]
     assert not engine.drafter_healthy and engine.kv_blocks_used == 0
@@ -117,7 +117,7 @@ def test_eagle_cost_aware_stop_drafts_fewer_depths(make_engine, executor, defaul
     """draft_min_prob stops the EAGLE-2 search early: fewer drafter forwards, output still plain greedy."""
     forwards = {}
     for min_prob in (0.0, 0.4):
-        cfg = EngineConfig(speculation="eagle", tree_budget=5, draft_min_prob=min_prob)  # the shipped drafter
+        cfg = EngineConfig(drafter="eagle", tree_budget=5, draft_min_prob=min_prob, dtype="float32", draft_vocab_size=0)  # the shipped drafter
         drafter = load_drafter(cfg, default_dir, executor)
         engine, outs = run(make_engine, drafter, chat_prompts[:2], 1, budget=5)
         for p, o in zip(chat_prompts, outs):
@@ -133,7 +133,7 @@ def test_a_failing_request_ends_alone(make_engine, references, chat_prompts, fai
     """A bug that hits one request (here an injected fault) finishes it with "error"; the batch's
     other requests still equal plain greedy, no KV block or drafter state leaks, and the engine serves on."""
     drafter = ScriptedDrafter(references, vocab=49152, seed=7)
-    engine = make_engine(drafter, max_num_seqs=4, tree_budget=16, speculation="eagle")
+    engine = make_engine(drafter, max_num_seqs=4, tree_budget=16, drafter="eagle")
     real_commit = engine._commit
 
     def commit(seq, tokens):
@@ -165,7 +165,7 @@ def test_eagle_search_of_a_batch_equals_one_request_at_a_time(executor, default_
     """The torch path drafts all requests of a step together (padded caches of different
     lengths, one drafter forward per depth); each request must get the tree, the cache and
     the output feature it gets alone, step after step, with fewer drafter forwards."""
-    cfg = EngineConfig(speculation="eagle", tree_budget=8, draft_vocab_size=4096)
+    cfg = EngineConfig(drafter="eagle", tree_budget=8, draft_vocab_size=4096, dtype="float32", draft_min_prob=0.0)
     batched, alone = load_drafter(cfg, default_dir, executor), load_drafter(cfg, default_dir, executor)
     assert batched.fused is None  # fp32: the torch path
     g = torch.Generator().manual_seed(0)

@@ -94,9 +94,9 @@ def chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:
                                               ("medusa", 0, 1.0)])
 def test_engine_speculative_sampling_matches_target(tiny_dir, kind, top_k, top_p):
     executor = InProcessExecutor(tiny_dir, "float32")
-    cfg = EngineConfig(model=tiny_dir, speculation=kind, draft_path="random", tree_budget=8, draft_depth=3,
+    cfg = EngineConfig(model=tiny_dir, drafter=kind, draft_path="random", tree_budget=8, draft_depth=3,
                        draft_top_k=3, num_blocks=6000, block_size=4, max_num_seqs=512,
-                       max_num_batched_tokens=4096, seed=11)
+                       max_num_batched_tokens=4096, seed=11, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
     drafter = load_drafter(cfg, tiny_dir, executor, seed=5)
     if kind == "medusa":  # untrained heads start as copies of the lm_head; make them disagree
         with torch.no_grad():
@@ -126,8 +126,8 @@ def test_lookup_chains_keep_sampling_exact(tiny_dir):
 
     prompt = [1, 4, 2, 5, 1, 4, 2, 5, 1, 4]
     executor = InProcessExecutor(tiny_dir, "float32")
-    cfg = EngineConfig(model=tiny_dir, speculation="eagle", tree_budget=1, lookup_tokens=4, num_blocks=6000,
-                       block_size=4, max_num_seqs=512, max_num_batched_tokens=4096, seed=13)
+    cfg = EngineConfig(model=tiny_dir, drafter="eagle", tree_budget=1, lookup_tokens=4, num_blocks=6000,
+                       block_size=4, max_num_seqs=512, max_num_batched_tokens=4096, seed=13, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
     engine = LLMEngine(cfg, executor, Silent())
     params = SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True)
     outs = engine.generate([prompt] * SAMPLES, params)

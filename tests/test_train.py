@@ -78,7 +78,7 @@ def _load(kind, tiny, out):
     from engine.config import EngineConfig
     from engine.drafters.loading import load_drafter
 
-    cfg = EngineConfig(model=tiny["model"], speculation=kind, draft_path=out)
+    cfg = EngineConfig(model=tiny["model"], drafter=kind, draft_path=out, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
     return load_drafter(cfg, tiny["model"])
 
 
@@ -125,8 +125,8 @@ def test_draft_vocabulary_is_ranked_and_can_be_capped(tiny, tmp_path, caplog):
     freq = [counts[i] for i in ids if i != ids[0]]
     assert freq == sorted(freq, reverse=True) and freq[0] == max(counts.values())
 
-    capped = load_drafter(EngineConfig(model=tiny["model"], speculation="eagle", draft_path=out,
-                                       draft_vocab_size=40), tiny["model"])
+    capped = load_drafter(EngineConfig(model=tiny["model"], drafter="eagle", draft_path=out,
+                                       draft_vocab_size=40, dtype="float32", draft_min_prob=0.0), tiny["model"])
     assert capped.head.ids.tolist() == ids[:40] and capped.head.weight.shape[0] == 40
 
     # A vocabulary stored in id order (earlier files) cannot be cut to its top N: kept whole.
@@ -134,8 +134,8 @@ def test_draft_vocabulary_is_ranked_and_can_be_capped(tiny, tmp_path, caplog):
     shutil.copytree(out, old)
     json.dump({**cfg, "draft_vocab_order": "id"}, open(os.path.join(old, "config.json"), "w"))
     with caplog.at_level("WARNING"):
-        whole = load_drafter(EngineConfig(model=tiny["model"], speculation="eagle", draft_path=old,
-                                          draft_vocab_size=40), tiny["model"])
+        whole = load_drafter(EngineConfig(model=tiny["model"], drafter="eagle", draft_path=old,
+                                          draft_vocab_size=40, dtype="float32", draft_min_prob=0.0), tiny["model"])
     assert whole.head.weight.shape[0] == len(ids) and "not ranked" in caplog.text
 
     resized = str(tmp_path / "eagle-64")

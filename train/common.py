@@ -1,7 +1,9 @@
 """What EAGLE and Medusa training share: the data in memory, the draft vocabulary, the schedule, the CLI."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -180,6 +182,21 @@ def optimizer_step(opt, model, loss, max_grad_norm: float = 1.0) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
+
+
+def drafter_state(model, draft_vocab_ids: torch.Tensor | None) -> dict:
+    """The tensors a drafter checkpoint holds: the model's, and its draft vocabulary if any."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if draft_vocab_ids is not None:
+        state["draft_vocab_ids"] = draft_vocab_ids.to(torch.int32)
+    return state
+
+
+def finish_training(out: str, columns: list[str], log: list[list[float]], info: dict, **extra) -> dict:
+    """Write train_log.json (at most ~500 of the per-step rows) beside the drafter; the run's summary."""
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump({"columns": columns, "rows": log[:: max(1, len(log) // 500)], **extra}, f)
+    return {"first_loss": log[0][1] if log else None, "last_loss": log[-1][1] if log else None, **info}
 
 
 def cli(train, parse_args, argv=None) -> int:

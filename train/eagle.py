@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -24,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, choose_draft_vocab, optimizer_step, batches, init_state, layer_counts,
-    prior_training, load_examples, pad_batch, split, vocab_coverage,
+    Schedule, cli, choose_draft_vocab, drafter_state, finish_training, optimizer_step, batches, init_state,
+    layer_counts, prior_training, load_examples, pad_batch, split, vocab_coverage,
 )
 
 
@@ -203,9 +202,7 @@ def train(args) -> dict:
     bar = tqdm(total=total, desc="eagle")
 
     def save(final=False):
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if ids is not None:
-            state["draft_vocab_ids"] = ids.to(torch.int32)
+        state = drafter_state(model, ids)
         info = {"steps": step, "epochs": round(step / per_epoch, 2), "sequences": len(train_ex),
                 "tokens": n_tokens, "seconds": round(time.time() - t0, 1), "unroll": args.unroll,
                 "noise": args.noise, "ce_weight": args.ce_weight, "lr": args.lr, "seed": args.seed,
@@ -234,11 +231,9 @@ def train(args) -> dict:
                 save()
     bar.close()
     info = save(final=True)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump({"columns": ["step", "loss"] + [f"pass{k}_{m}" for k in range(1, args.unroll + 1)
-                                                  for m in ("l1", "ce", "acc")], "rows": log[:: max(1, len(log) // 500)]}, f)
     print(json.dumps(info), file=sys.stderr)
-    return {"first_loss": log[0][1] if log else None, "last_loss": log[-1][1] if log else None, **info}
+    columns = ["step", "loss"] + [f"pass{k}_{m}" for k in range(1, args.unroll + 1) for m in ("l1", "ce", "acc")]
+    return finish_training(args.out, columns, log, info)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
-"""Acceptance of trained drafters: ``python -m train.eval [--speculation eagle,medusa]``.
+"""Acceptance of trained drafters: ``python -m train.eval [--drafters eagle,medusa]``.
 
-Runs the real engine with speculation on the held-out prompts (bench/common.py
+Runs the real engine with speculation on the held-out prompts (train/held_out.py
 PROMPTS, never used for training) and measures, per drafter, temperature and
 category: tau = tokens committed per verification step (bonus included, as in
 the EAGLE/Medusa papers) and the fraction of steps accepting at least d draft
@@ -47,10 +47,8 @@ def evaluate(model: str, kinds: list[str], drafts: dict, temperatures: list[floa
              tokenizer=None, draft_depth: int | None = None, draft_top_k: int | None = None,
              draft_vocab_size: int | None = None) -> dict:
     """prompts: {category: [token ids, ...]}. Returns {kind: {"T": {category|"all": summary}}}."""
+    from engine.build import build_engine
     from engine.config import EngineConfig
-    from engine.drafters.loading import load_drafter
-    from engine.engine import LLMEngine
-    from engine.executor import InProcessExecutor
     from engine.sampling import SamplingParams
 
     flat = [(c, p) for c, ps in prompts.items() for p in ps]
@@ -58,14 +56,14 @@ def evaluate(model: str, kinds: list[str], drafts: dict, temperatures: list[floa
     for kind in kinds:
         tree = {k: v for k, v in (("draft_depth", draft_depth), ("draft_top_k", draft_top_k),
                                   ("draft_vocab_size", draft_vocab_size)) if v}
-        # lookup_tokens=0: the drafter's own acceptance, as the papers measure it (the engine's
-        # prompt-lookup chain would add its accepted tokens to every depth).
-        cfg = EngineConfig(model=model, dtype=dtype, speculation=kind, draft_path=drafts.get(kind),
-                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed, **tree, lookup_tokens=0,
+        # The drafter's own acceptance, as the papers measure it: the exact EAGLE-2 search over the
+        # whole draft vocabulary, and no prompt-lookup chain (it would add its accepted tokens to
+        # every depth).
+        cfg = EngineConfig(model=model, dtype=dtype, drafter=kind, draft_path=drafts.get(kind),
+                           tree_budget=tree_budget, max_num_seqs=len(flat), seed=seed, draft_min_prob=0.0,
+                           **{"draft_vocab_size": 0, **tree}, lookup_tokens=0,
                            num_blocks=len(flat) * ((max(len(p) for _, p in flat) + max_tokens + tree_budget) // 16 + 3))
-        # What engine.generate.build_engine builds, minus the tokenizer (token-id prompts need none).
-        executor = InProcessExecutor(model, dtype)
-        engine = LLMEngine(cfg, executor, load_drafter(cfg, model, executor), tokenizer)
+        engine = build_engine(cfg, tokenizer=tokenizer)
         results[kind] = {}
         for t in temperatures:
             t0 = time.perf_counter()
@@ -128,7 +126,7 @@ def write_card(draft_dir: str, kind: str, results: dict, meta: dict, data_note: 
              + (f"; continued (`--init-from`) from a {tr['init_from']['steps']}-step, {tr['init_from']['seconds']} s run"
                 if tr.get("init_from") else ""),
              "- reproduce: see docs/drafters.md", "",
-             f"tau (tokens per verification step, bonus included) on the held-out prompts of bench/common.py, "
+             f"tau (tokens per verification step, bonus included) on the held-out prompts of train/held_out.py, "
              f"tree budget {meta.get('tree_budget')}, {meta.get('max_tokens')} new tokens, target {meta.get('dtype')}"
              + (f", tree depth {meta['draft_depth']} x top-{meta['draft_top_k']}, draft vocabulary "
                 f"{meta.get('draft_vocab_size', 'all')}" if kind == "eagle" and "draft_depth" in meta else "") + ":",
@@ -176,7 +174,7 @@ def plot(results: dict, path: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--speculation", default="eagle,medusa", help="comma list of drafter kinds")
+    ap.add_argument("--drafters", default="eagle,medusa", help="comma list of drafter kinds")
     ap.add_argument("--eagle", default=None, help="EAGLE drafter dir (default: the shipped one)")
     ap.add_argument("--medusa", default=None, help="Medusa drafter dir (default: the shipped one)")
     ap.add_argument("--temperatures", default="0,0.7,1.0")
@@ -208,10 +206,10 @@ def main(argv=None) -> int:
             meta = {**d["meta"], **meta}
         _write(args.out, results, meta)
         if args.cards:
-            from engine.drafters.loading import shipped_drafter
+            from engine.drafters.loading import shipped_drafter_dir
 
             for kind in results:
-                write_card(getattr(args, kind) or shipped_drafter(kind), kind, results, meta, args.cards)
+                write_card(getattr(args, kind) or shipped_drafter_dir(kind), kind, results, meta, args.cards)
         return 0
     import torch
 
@@ -219,7 +217,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from bench.common import PROMPTS
+    from train.held_out import PROMPTS
     from engine.weights import resolve_model
 
     try:
@@ -228,13 +226,13 @@ def main(argv=None) -> int:
         prompts = {c: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False) for p in ps[: args.per_category]]
                    for c, ps in PROMPTS.items()}
-        kinds = [k for k in args.speculation.split(",") if k]
+        kinds = [k for k in args.drafters.split(",") if k]
         temps = [float(t) for t in args.temperatures.split(",")]
         from engine.drafters.loading import resolve_draft_path
         from engine.config import EngineConfig
 
         # None: the drafter the engine would pick for --model (the shipped one for the default model).
-        drafts = {k: getattr(args, k) or resolve_draft_path(EngineConfig(model=args.model, speculation=k))
+        drafts = {k: getattr(args, k) or resolve_draft_path(EngineConfig(model=args.model, drafter=k))
                   for k in kinds}
         results = evaluate(model_dir, kinds, drafts, temps, prompts,
                            args.max_tokens, args.tree_budget, args.dtype, args.seed,

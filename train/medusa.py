@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.common import (
-    Schedule, cli, choose_draft_vocab, optimizer_step, init_state, layer_counts, prior_training,
-    load_examples, split, target_map, vocab_coverage,
+    Schedule, cli, choose_draft_vocab, drafter_state, finish_training, optimizer_step, init_state, layer_counts,
+    prior_training, load_examples, split, target_map, vocab_coverage,
 )
 
 RANKS = 10
@@ -155,9 +154,7 @@ def train(args) -> dict:
     def save(final=False):
         if final and len(xv):
             cfg.rank_acc = rank_accuracy(model, head_w, xv.to(dev), yv.to(dev))
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if ids is not None:
-            state["draft_vocab_ids"] = ids.to(torch.int32)
+        state = drafter_state(model, ids)
         info = {"steps": step, "epochs": round(step / per_epoch, 2), "positions": len(x),
                 "seconds": round(time.time() - t0, 1), "lr": args.lr, "seed": args.seed,
                 "init_from": prior_training(init_cfg, args.init_from)}
@@ -185,11 +182,9 @@ def train(args) -> dict:
                 save()
     bar.close()
     info = save(final=True)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump({"columns": ["step", "loss"] + [f"head{i}_acc" for i in range(heads)],
-                   "rows": log[:: max(1, len(log) // 500)], "rank_acc": cfg.rank_acc}, f)
     print(json.dumps({**info, "rank_acc_top1": [r[0] for r in (cfg.rank_acc or [])]}), file=sys.stderr)
-    return {"first_loss": log[0][1] if log else None, "last_loss": log[-1][1] if log else None, **info}
+    columns = ["step", "loss"] + [f"head{i}_acc" for i in range(heads)]
+    return finish_training(args.out, columns, log, info, rank_acc=cfg.rank_acc)
 
 
 def main(argv=None) -> int:

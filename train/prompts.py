@@ -1,6 +1,6 @@
 """Training prompts across MT-bench's eight categories: hand-written seeds grown by templating.
 
-The held-out evaluation prompts (bench/common.py PROMPTS) are removed from the
+The held-out evaluation prompts (train/held_out.py) are removed from the
 result, so training never sees them.
 """
 from __future__ import annotations
@@ -168,7 +168,7 @@ def _norm(s: str) -> str:
 
 def held_out_prompts() -> set[str]:
     """Prompts training never sees: the held-out evaluation set and the serving-knob tuning set."""
-    from bench.common import PROMPTS, TUNING_PROMPTS
+    from train.held_out import PROMPTS, TUNING_PROMPTS
 
     return {_norm(p) for ps in PROMPTS.values() for p in ps} | {_norm(p) for p in TUNING_PROMPTS}
 

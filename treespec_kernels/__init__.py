@@ -22,5 +22,5 @@ sequences are concatenated: ``query_start_loc`` (``[B+1]``, int32) gives each
 sequence's span.
 
 The import name carries the project's prefix because ``kernels`` is taken: it is
-Hugging Face's kernel hub, a dependency of transformers (tests/test_import_names.py).
+Hugging Face's kernel hub, a dependency of transformers (tests/test_install.py).
 """

@@ -1407,7 +1407,7 @@ void fused_topk(const float* x, int64_t rows, int64_t n, int64_t k, float* vals,
  * lists, frontier, visible slots, the call's arrays) cost about as much as the forwards'
  * own weight reads on a small drafter; here it costs microseconds.
  *
- * The search, exactly as the torch path's (EagleDrafter._propose_one): the root's top_k
+ * The search, exactly as the torch path's (EagleDrafter._propose_batch): the root's top_k
  * children from the last pair's logits are depth 1; while not stopped, the frontier (<= k
  * nodes) is forwarded at once, each row seeing the request's pairs, its forwarded ancestors
  * and itself, and the frontier's children join the tree; the next frontier is the k best

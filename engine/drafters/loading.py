@@ -6,6 +6,7 @@ tensors from the target checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -26,8 +27,32 @@ log = logging.getLogger(__name__)
 RANDOM = "random"  # --draft random: an untrained drafter (tests, smoke runs)
 
 
-def shipped_drafter(kind: str) -> str:
+def shipped_drafter_dir(kind: str) -> str:
+    """Where the drafter of ``kind`` for the default model ships (assets/)."""
     return os.path.join(ASSETS, f"{kind}-smollm2-135m")
+
+
+def default_drafter(model: str, device: str = "cpu", draft_path: str | None = None) -> str:
+    """The drafter kind ``drafter="auto"`` stands for.
+
+    With a draft_path: the kind it holds. For the default model: its shipped EAGLE drafter,
+    else its Medusa heads (EAGLE leads at batch 1 on every CPU class measured and is the
+    GPU choice: docs/benchmarks.md#defaults-chosen-from-these-tables). Any other model: "off".
+    """
+    if draft_path not in (None, RANDOM):
+        return read_drafter_kind(draft_path)
+    if model not in (None, "", DEFAULT_MODEL):
+        return "off"
+    return next((k for k in ("eagle", "medusa") if os.path.exists(os.path.join(shipped_drafter_dir(k), "config.json"))),
+                "off")
+
+
+def read_drafter_kind(path: str) -> str:
+    with open(os.path.join(path, "config.json")) as f:
+        kind = json.load(f).get("kind")
+    if kind not in ("eagle", "medusa"):
+        raise ValueError(f"{path}/config.json names no drafter kind (eagle or medusa): {kind!r}")
+    return kind
 
 
 def target_embed_and_head(model_dir: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,11 +72,11 @@ def resolve_draft_path(cfg: EngineConfig) -> str:
     if cfg.draft_path:
         return cfg.draft_path
     if cfg.model in (None, "", DEFAULT_MODEL):
-        path = shipped_drafter(cfg.speculation)
+        path = shipped_drafter_dir(cfg.drafter)
         if os.path.exists(os.path.join(path, "config.json")):
             return path
-        raise FileNotFoundError(f"no shipped {cfg.speculation} drafter at {path}; pass --draft DIR (or 'random')")
-    raise FileNotFoundError(f"speculation={cfg.speculation} needs a drafter for {cfg.model}: pass draft_path")
+        raise FileNotFoundError(f"no shipped {cfg.drafter} drafter at {path}; pass --draft DIR (or 'random')")
+    raise FileNotFoundError(f"drafter={cfg.drafter} needs a drafter for {cfg.model}: pass draft_path")
 
 
 def cap_draft_vocab(ids: torch.Tensor | None, config: dict, cap: int | None, path: str) -> torch.Tensor | None:
@@ -67,7 +92,10 @@ def cap_draft_vocab(ids: torch.Tensor | None, config: dict, cap: int | None, pat
 
 
 def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0):
-    """An EagleDrafter or MedusaDrafter for ``cfg.speculation``."""
+    """An EagleDrafter or MedusaDrafter for ``cfg.drafter`` (in the executor's dtype when given)."""
+    cfg = cfg.resolve(getattr(executor, "dtype", None))
+    if cfg.drafter == "off":
+        raise ValueError("drafter=off: no drafter to load")
     dtype = DTYPES[cfg.dtype]
     shared = executor.embed_and_head() if executor is not None else None
     embed, lm_head = shared if shared is not None else target_embed_and_head(model_dir, dtype)
@@ -75,19 +103,19 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
     path = resolve_draft_path(cfg)
     if path == RANDOM:
         torch.manual_seed(seed)
-        if cfg.speculation == "eagle":
+        if cfg.drafter == "eagle":
             model = EagleModel(EagleConfig.from_target(target), dtype)
         else:
             model = MedusaModel(MedusaConfig(target.hidden_size, target.vocab_size), dtype)
         state_ids = None
     else:
         config, state = read_drafter(path)
-        if config.get("kind") != cfg.speculation:
-            raise ValueError(f"{path} holds a {config.get('kind')} drafter, not {cfg.speculation}")
+        if config.get("kind") != cfg.drafter:
+            raise ValueError(f"{path} holds a {config.get('kind')} drafter, not {cfg.drafter}")
         if config["hidden_size"] != target.hidden_size or config["vocab_size"] != target.vocab_size:
             raise ValueError(f"drafter {path} does not match the target model's hidden size / vocabulary")
         state_ids = cap_draft_vocab(state.pop("draft_vocab_ids", None), config, cfg.draft_vocab_size, path)
-        if cfg.speculation == "eagle":
+        if cfg.drafter == "eagle":
             model = EagleModel(EagleConfig.from_dict(config), dtype)
         else:
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
@@ -96,8 +124,9 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
     if cfg.device == "cpu":
         pack_cpu_weights(model)  # bf16 only: drafting reads ~20 MB per depth, packed ~1.5x faster
         pack_cpu_weights(head)
-    if cfg.speculation == "eagle":
-        # bf16 on a CPU with AVX512-BF16: each draft depth is one C call (engine/fused.py).
+    if cfg.drafter == "eagle":
+        # bf16 on a CPU the fused kernel runs on (AVX512-BF16, or AVX2 + FMA:
+        # treespec_kernels/cpu_fused.py): a whole draft step is one C call (engine/fused.py).
         embed = embed.detach().to(dtype)
         fused = (FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8, embed=embed)
                  if cfg.device == "cpu" else None)
