@@ -1,7 +1,7 @@
 """The repository speaks of the product, not of the history of the work (that is git log).
 
 Every tracked text file is scanned for diary markers: numbered work sessions, lettered
-runs ("run" followed by a capital A-H) and "tried and dropped" notes. A figure that a
+runs ("run" followed by a capital A-H) and notes of variants tried and discarded. A figure that a
 default rests on belongs in the benchmark tables (docs/benchmarks.md) with the rule it
 supports, not in a narrative of who measured what when.
 """
