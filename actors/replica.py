@@ -124,6 +124,10 @@ class Replica:
     def set_policy(self, speculate: bool, tree_budget: int) -> None:
         self.engine.set_policy(speculate, tree_budget)
 
+    @property
+    def tree_budget_in_force(self) -> int:
+        return self.engine.tree_budget_in_force
+
     def load_report(self) -> EngineLoad:
         return self.engine.load_report()
 

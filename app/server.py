@@ -153,7 +153,7 @@ class EngineLoop:
         self._window = {"steps": {}, "spec_seq_steps": 0, "spec_tokens": 0, "budget": self.budget_in_force()}
 
     def budget_in_force(self) -> int:
-        return self.driver.load_report().tree_budget
+        return self.driver.tree_budget_in_force
 
     def _apply_policy(self) -> None:
         policy, self._policy = self._policy, None

@@ -1,10 +1,10 @@
 """build_engine: the one way every entry point assembles an in-process engine.
 
-The server (app/), the CLI (engine/generate.py), the benchmarks and drafter evaluation
-all call it, so the same EngineConfig serves the same way everywhere: "auto" fields take
-the device's defaults (``EngineConfig.resolve``), and the drafter is loaded beside the
-target, sharing its embedding and head. The Ray replica (actors/replica.py) builds the
-same engine over TP shard actors.
+The server (app/), the CLI (engine/generate.py) and drafter evaluation (train/eval.py)
+call it, so the same EngineConfig serves the same way: "auto" fields take the device's
+defaults (``EngineConfig.resolve``), and the drafter is loaded beside the target, sharing
+its embedding and head. The Ray replica (actors/replica.py) builds the same engine over
+TP shard actors.
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ class StepStats:
 # tests/test_engine_api.py holds app/ to this list.
 ENGINE_API = frozenset({
     "add_request", "abort", "step", "has_unfinished", "is_admitted",
-    "set_policy", "load_report", "last_step", "tokenizer", "tokenize_chat",
+    "set_policy", "tree_budget_in_force", "load_report", "last_step", "tokenizer", "tokenize_chat",
 })
 
 
