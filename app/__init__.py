@@ -4,7 +4,6 @@
 - config.py    AppConfig: the arguments, their types and defaults
 - ingress.py   Ingress deployment: OpenAI API (FastAPI), validation, trace context, SSE, /metrics
 - server.py    LLMServer deployment: one engine per replica, stepped in a background thread
-- detok.py     incremental detokenization (multi-byte characters, stop strings)
 - protocol.py  request schemas, OpenAI error bodies, SSE framing
 - tracing.py   OpenTelemetry (W3C trace context in, OTLP/HTTP out)
 - metrics.py   Prometheus metrics (ingress /metrics and ray.util.metrics)

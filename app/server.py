@@ -5,7 +5,7 @@ Data flow inside a replica::
     Ingress --(dict payload, handle stream)--> LLMServer.generate (asyncio, one per request)
         -> EngineLoop.submit: engine.add_request, an asyncio.Queue for the request
         EngineLoop thread: engine.step() in a loop -> Update per request -> its queue
-        <- generate: incremental detokenization -> "start" / "delta" / "end" / "error" events
+        <- generate: the engine's text deltas -> "start" / "delta" / "end" / "error" events
 
 "start" comes once the request is admitted and its first token exists, so a
 request that cannot be admitted in time (queue or KV memory full) still gets
@@ -34,7 +34,6 @@ from ray import serve
 
 from actors.router import LoadReport
 from app.config import AppConfig
-from app.detok import Detokenizer
 from app.metrics import ReplicaGauges
 from app.protocol import APIError
 from app.tracing import Tracing, extract, wall_ns
@@ -65,6 +64,7 @@ class Update:
     """What the engine thread hands to one request's queue after a step."""
 
     new_token_ids: list
+    new_text: str  # the engine's detokenized text (stop strings already cut)
     finished: bool
     finish_reason: str | None
     step_kind: str
@@ -217,7 +217,7 @@ class EngineLoop:
             stats = {"arrival": s.arrival, "first_token": s.first_token, "finished": s.finished,
                      "verify_steps": s.verify_steps, "committed": s.committed, "drafted": s.drafted,
                      "mean_accepted": s.mean_accepted, "draft_time": s.draft_time, "verify_time": s.verify_time}
-        upd = Update(list(out.new_token_ids), out.finished, out.finish_reason, st.kind if st else "?", t0, t1,
+        upd = Update(list(out.new_token_ids), out.new_text, out.finished, out.finish_reason, st.kind if st else "?", t0, t1,
                      st.batch_size if st else 0, budget, stats, getattr(out.seq, "error", None))
         loop, q = target
         loop.call_soon_threadsafe(q.put_nowait, upd)
@@ -353,7 +353,6 @@ class LLMServer:
                              "treespec.temperature": params.temperature})
         self._policy_span(span, arrival)
 
-        detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         done, n_out, first, last = False, 0, None, None
         deadline = time.monotonic() + self.cfg.queue_timeout_s
         try:
@@ -390,14 +389,7 @@ class LLMServer:
                         yield {"event": "start", "prompt_tokens": len(prompt_ids), "replica": self.replica_id}
                 last = upd
                 n_out += len(upd.new_token_ids)
-                text = detok.add(upd.new_token_ids)
-                reason = upd.finish_reason
-                if upd.finished:
-                    text += detok.finish()
-                    done = True
-                elif detok.stopped:  # a stop string the engine's own check did not see: end here
-                    reason, done = "stop", True
-                    self.loop.abort(rid)
+                text, reason, done = upd.new_text, upd.finish_reason, upd.finished
                 if reason == "error" and upd.finished and upd.error:
                     # A bug hit this request alone (the replica serves on): not worth a retry, so not a 503.
                     exc = APIError(500, f"the engine failed on this request ({upd.error})", type="server_error",

@@ -40,15 +40,16 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from engine.build import build_engine
     from engine.sampling import SamplingParams
     from engine.weights import default_model_dir
 
-    engine = LLMEngine(EngineConfig(dtype=args.dtype, max_num_seqs=1))
+    cfg = EngineConfig(dtype=args.dtype, drafter="off", max_num_seqs=1)
+    engine = build_engine(cfg)
     kernel = "fused" if engine.executor.runner.fused is not None else "torch"
     # The eager torch path of the same engine, as a second peer where the fused kernel runs.
     os.environ["TREESPEC_CPU_KERNEL"] = "torch"
-    eager = LLMEngine(EngineConfig(dtype=args.dtype, max_num_seqs=1)) if kernel == "fused" else None
+    eager = build_engine(cfg) if kernel == "fused" else None
     os.environ.pop("TREESPEC_CPU_KERNEL")
     prompts = [engine.tokenize_chat([{"role": "user", "content": p}]) for _, p in flat_prompts(args.prompts)]
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)

@@ -12,7 +12,6 @@ the fastest server on this machine. Final JSON line: ``by_min_prob`` and ``best`
 from __future__ import annotations
 
 import argparse
-import time
 
 from tqdm import tqdm
 
@@ -33,8 +32,7 @@ def main():
         ap.error(f"--min-probs must be a comma list of numbers, got {args.min_probs!r}")
 
     from engine.config import EngineConfig, auto_draft_vocab_size, auto_dtype
-    from engine.drafters.loading import load_drafter
-    from engine.engine import LLMEngine
+    from engine.build import build_engine
     from engine.executor import InProcessExecutor
     from engine.sampling import SamplingParams
     from engine.weights import resolve_model
@@ -52,8 +50,8 @@ def main():
                                draft_min_prob=p)
         except ValueError as exc:
             ap.error(str(exc))
-        drafters[p] = drafter = load_drafter(cfg, model_dir, executor)
-        engines[p] = LLMEngine(cfg, executor, drafter, tok)
+        engines[p] = build_engine(cfg, executor=executor, tokenizer=tok)
+        drafters[p] = drafter = engines[p].drafter
         engines[p].generate([TUNING_PROMPTS[0]], SamplingParams(max_tokens=8))  # warm-up
         drafter.forwards = 0  # counted by the drafter: catch-ups and draft depths
     prompts = [engines[min_probs[0]].tokenize_chat([{"role": "user", "content": p}])

@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import emit, flat_prompts  # noqa: E402
 
 MODES = ("off", "eagle", "medusa", "auto")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -480,8 +479,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest concurrency level")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--report-interval", type=float, default=0.5)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "load_bench.json"))
-    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "load_throughput.png"))
+    ap.add_argument("--out", default=None, help="write the full results here (JSON)")
+    ap.add_argument("--plot", default=None, help="plot latency, throughput and the tree budget here (PNG)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -544,9 +543,10 @@ def main(argv=None) -> int:
            "url": args.url,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
            "results": results, "comparison": rows, "crossover_level": cross}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
     if args.plot:
         plot(results, args.levels, args.load, args.plot)
     if not args.quiet:

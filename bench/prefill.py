@@ -41,16 +41,16 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from engine.build import build_engine
     from engine.runner import PREFILL_CHUNKS
     from engine.sampling import SamplingParams
     from engine.weights import default_model_dir
 
-    cfg = EngineConfig(dtype=args.dtype, max_num_seqs=1, max_model_len=max(2048, lengths[-1] + 16))
-    engine = LLMEngine(cfg)
+    cfg = EngineConfig(dtype=args.dtype, drafter="off", max_num_seqs=1, max_model_len=max(2048, lengths[-1] + 16))
+    engine = build_engine(cfg)
     fused = engine.executor.runner.fused
     os.environ["TREESPEC_CPU_KERNEL"] = "torch"
-    eager = LLMEngine(cfg) if fused is not None else None
+    eager = build_engine(cfg) if fused is not None else None
     os.environ.pop("TREESPEC_CPU_KERNEL")
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=getattr(torch, args.dtype))
 

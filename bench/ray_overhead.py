@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from actors.executor import RayExecutor  # noqa: E402
+from engine.build import build_engine  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
@@ -102,10 +103,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=max(8, args.tp + 2), include_dashboard=False, log_to_driver=False)
-    local = LLMEngine(config)
+    local = build_engine(config)
     tokenizer = local.tokenizer
     remote_ex = TimedExecutor(RayExecutor(config, num_threads=args.threads))
-    remote = LLMEngine(config, executor=remote_ex, tokenizer=tokenizer)
+    remote = build_engine(config, executor=remote_ex, tokenizer=tokenizer)
     start(local, prompts, max_tokens)
     start(remote, prompts, max_tokens)
 
@@ -124,7 +125,7 @@ def main() -> None:
     # 3: TP=N decode speed.
     config_n = EngineConfig(num_blocks=256, tree_budget=0, dtype=args.dtype, tp=args.tp)
     ex_n = RayExecutor(config_n, cpus_per_rank=1, num_threads=args.threads)
-    engine_n = LLMEngine(config_n, executor=ex_n, tokenizer=tokenizer)
+    engine_n = build_engine(config_n, executor=ex_n, tokenizer=tokenizer)
     start(engine_n, prompts, max_tokens)
     tpn_s = []
     for _ in tqdm(range(args.rounds), desc=f"ray tp={args.tp}"):

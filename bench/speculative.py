@@ -134,8 +134,7 @@ def main():
         return
 
     from engine.config import EngineConfig, auto_draft_min_prob, auto_draft_vocab_size, auto_dtype
-    from engine.drafters.loading import load_drafter
-    from engine.engine import LLMEngine
+    from engine.build import build_engine
     from engine.executor import InProcessExecutor
     from engine.sampling import SamplingParams
     from engine.weights import resolve_model
@@ -170,8 +169,7 @@ def main():
         cfg = EngineConfig(dtype=dtype, drafter=kind, draft_path=args.draft, tree_budget=budget,
                            max_num_seqs=1, num_blocks=128, draft_vocab_size=draft_vocab,
                            draft_min_prob=min_prob, draft_int8=int8, lookup_tokens=look)
-        drafter = load_drafter(cfg, model_dir, executor) if kind != "off" else None
-        engines[(name, budget)] = eng = LLMEngine(cfg, executor, drafter, tok)
+        engines[(name, budget)] = eng = build_engine(cfg, executor=executor, tokenizer=tok)
         eng.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up: this mode's shapes
     stats = {mode: ModeStats() for mode in engines}
     for cat, ids in tqdm(prompts, desc=f"{len(engines)} modes"):

@@ -1,10 +1,10 @@
 """build_engine: the one way every entry point assembles an in-process engine.
 
-The server (app/), the CLI (engine/generate.py) and drafter evaluation (train/eval.py)
-call it, so the same EngineConfig serves the same way: "auto" fields take the device's
-defaults (``EngineConfig.resolve``), and the drafter is loaded beside the target, sharing
-its embedding and head. The Ray replica (actors/replica.py) builds the same engine over
-TP shard actors.
+The server (app/), the CLI (engine/generate.py), drafter training and evaluation (train/)
+and the benchmarks (bench/) call it, so the same EngineConfig serves the same way: "auto"
+fields take the device's defaults (``EngineConfig.resolve``), and the drafter is loaded
+beside the target, sharing its embedding and head. The Ray replica (actors/replica.py)
+builds the same engine over TP shard actors.
 """
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ from engine.engine import LLMEngine
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: EngineConfig, *, tokenizer=None) -> LLMEngine:
+def build_engine(config: EngineConfig, *, executor=None, tokenizer=None) -> LLMEngine:
     """An LLMEngine of ``config.model`` with the drafter ``config.drafter`` names.
+
+    executor: an existing target (engine.executor.Executor) to build on, so that several
+        engines (a benchmark's modes) share one copy of the weights; its dtype wins over
+        ``config.dtype="auto"``. Default: a new in-process one.
+    tokenizer: default the checkpoint's own (None when it ships none).
 
     With drafter="auto" a drafter that fails to load leaves the engine serving without
     speculation (logged); a drafter asked for by name must load, or this raises
@@ -28,9 +33,10 @@ def build_engine(config: EngineConfig, *, tokenizer=None) -> LLMEngine:
     from engine.executor import InProcessExecutor
     from engine.weights import resolve_model
 
-    resolved = config.resolve()
+    resolved = config.resolve(getattr(executor, "dtype", None))
     model_dir = resolve_model(resolved.model)
-    executor = InProcessExecutor(model_dir, resolved.dtype, resolved.device)
+    if executor is None:
+        executor = InProcessExecutor(model_dir, resolved.dtype, resolved.device)
     drafter = None
     if resolved.drafter != "off" and resolved.tree_budget > 0:
         try:

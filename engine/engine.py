@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
+from engine.detok import Detokenizer
 from engine.drafters.base import DraftTree
-from engine.executor import Executor, InProcessExecutor
+from engine.executor import Executor
 from engine.kv_cache import BlockAllocator
 from engine.lookup import NgramIndex, merge_chain
 from engine.runner import SeqInput, build_model_input
@@ -27,7 +28,6 @@ from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.verify import verify_greedy, verify_sampling
-from engine.weights import resolve_model
 from treespec_kernels.compaction import compaction_slots
 from treespec_kernels.tree import tree_depth_list
 
@@ -47,6 +47,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     seq: Sequence | None = field(default=None, repr=False)
+    new_text: str = ""  # text now safe to stream (whole characters, stop strings cut); "" without detokenization
 
 
 @dataclass
@@ -84,25 +85,19 @@ ENGINE_API = frozenset({
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None, drafter=None, tokenizer=None):
-        """Most callers want ``engine.build.build_engine``, which also loads the drafter.
+    def __init__(self, config: EngineConfig, executor: Executor, drafter=None, tokenizer=None):
+        """Entry points build engines with ``engine.build.build_engine``, which loads the target,
+        the drafter and the tokenizer; this constructor takes them ready-made.
 
-        config: resolved here (``EngineConfig.resolve``; dtype from the executor when given).
-        executor: the model; default an in-process one of ``config.model``.
+        config: resolved here (``EngineConfig.resolve``, dtype "auto" from the executor's).
+        executor: the target model (in-process or TP shard actors).
         drafter: an engine Drafter (engine/drafters/base.py), or None for no speculation.
+        tokenizer: a Hugging Face tokenizer, or None (token-id prompts only, no text out).
         """
-        self.config = config = config.resolve(getattr(executor, "dtype", None))
-        model_dir = None
-        if executor is None:
-            model_dir = resolve_model(config.model)
-            executor = InProcessExecutor(model_dir, config.dtype, config.device)
+        self.config = config = config.resolve(executor.dtype)
         self.executor = executor
         self.model_config = executor.config
         self.tokenizer = tokenizer
-        if tokenizer is None and model_dir is not None:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         num_blocks = config.num_blocks or max(
             1, int(config.kv_cache_gib * 2**30 // executor.kv_bytes_per_block(config.block_size))
         )
@@ -151,8 +146,10 @@ class LLMEngine:
         seq = Sequence(request_id, prompt, params)
         if speculation not in (None, "auto"):
             seq.speculation = speculation
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer")
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise RequestError("stop strings need detokenization (a tokenizer and detokenize=True)")
+        if self.tokenizer is not None and params.detokenize:
+            seq.detok = Detokenizer(self.tokenizer, prompt, params.stop)
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already in use")
@@ -380,9 +377,14 @@ class LLMEngine:
     # ------------------------------------------------------------------ commit / finish
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
-        """Append tokens one at a time, stopping at EOS, stop ids/strings, max_tokens or context end."""
-        new = []
-        p = seq.params
+        """Append tokens one at a time, stopping at EOS, stop ids/strings, max_tokens or context end.
+
+        The text of the committed tokens is decoded here too; a token that ends the request by its id
+        (EOS, a stop token id) adds no text. With stop strings each token is decoded as it is committed,
+        so the request ends at the token that completes one; without, the step's tokens are decoded at once.
+        """
+        new, text = [], []
+        p, detok = seq.params, seq.detok
         for t in tokens:
             seq.output_token_ids.append(t)
             new.append(t)
@@ -390,16 +392,20 @@ class LLMEngine:
             if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 reason = "stop"
             elif p.stop:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-                hit = min((text.find(x) for x in p.stop if x in text), default=-1)
-                if hit >= 0:
-                    seq.output_text, reason = text[:hit], "stop"
+                text.append(detok.add([t]))
+                if detok.stopped:
+                    reason = "stop"
             if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
                 reason = "length"
             if reason:
                 self._finish(seq, reason)
                 break
-        return self._output(seq, new)
+        if detok is not None:
+            if not p.stop:
+                text.append(detok.add(new[:-1] if seq.finish_reason == "stop" else new))
+            if seq.finished:
+                text.append(detok.finish())
+        return self._output(seq, new, "".join(text))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -408,9 +414,9 @@ class LLMEngine:
         with self._lock:
             self._requests.pop(seq.request_id, None)
 
-    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+    def _output(self, seq: Sequence, new: list[int], new_text: str = "") -> RequestOutput:
         return RequestOutput(seq.request_id, new, list(seq.output_token_ids), seq.finished, seq.finish_reason,
-                             seq.num_prompt, seq)
+                             seq.num_prompt, seq, new_text)
 
     # ------------------------------------------------------------------ convenience
 

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    text = out.seq.output_text
     if args.json:
         print(json.dumps({
             "text": text,

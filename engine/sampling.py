@@ -24,6 +24,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    detokenize: bool = True  # stream text (RequestOutput.new_text); stop strings need it
 
     def __post_init__(self):
         if isinstance(self.stop, str):

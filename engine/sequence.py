@@ -58,7 +58,12 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.speculation: str | None = None  # per-request override: None=engine default, "off", ...
         self.ngrams = None  # engine.lookup.NgramIndex, made at its first speculative step
-        self.output_text = ""  # filled by the engine when stop strings are used
+        self.detok = None  # engine.detok.Detokenizer, when the engine has a tokenizer and params.detokenize
+
+    @property
+    def output_text(self) -> str:
+        """The text emitted so far ("" without detokenization)."""
+        return self.detok.emitted if self.detok is not None else ""
 
     @property
     def tokens(self) -> list[int]:

@@ -20,6 +20,7 @@ import torch
 from actors.drafter import Drafter, RayDrafterProxy, start_drafter, wait_ready
 from actors.executor import RayExecutor, ShardFailure
 from actors.replica import Replica
+from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.drafters.base import Drafter as DrafterBase
 from engine.drafters.base import DraftTree
@@ -175,7 +176,7 @@ def tiny_config(path, **kw) -> EngineConfig:
 def default_reference():
     from engine.weights import default_model_dir
 
-    engine = LLMEngine(EngineConfig(num_blocks=64, tree_budget=0, dtype="float32"))
+    engine = build_engine(EngineConfig(num_blocks=64, tree_budget=0, dtype="float32"))
     prompts = [engine.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}]),
                engine.tokenizer.encode("def fibonacci(n):")]
     outs = [o.token_ids for o in engine.generate(prompts, GREEDY)]

@@ -46,10 +46,12 @@ def engine():
 
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
+    from engine.executor import InProcessExecutor
     from engine.weights import resolve_model
 
     cfg = EngineConfig(drafter="eagle", tree_budget=8, max_model_len=256, num_blocks=64, max_num_seqs=4, dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
-    return LLMEngine(cfg, drafter=ChainDrafter(), tokenizer=AutoTokenizer.from_pretrained(resolve_model("default")))
+    model_dir = resolve_model("default")
+    return LLMEngine(cfg, InProcessExecutor(model_dir), ChainDrafter(), AutoTokenizer.from_pretrained(model_dir))
 
 
 async def _run(loop: EngineLoop, rid: str, prompt, max_tokens: int, abort_after: int | None = None):

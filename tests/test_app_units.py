@@ -1,21 +1,11 @@
-"""Parts of the Serve app that need no Ray: arguments, request validation, detokenization, metrics text."""
+"""Parts of the Serve app that need no Ray: arguments, request validation, metrics text."""
 import json
 
 import pytest
 
 from app.config import AppConfig
-from app.detok import Detokenizer
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from app.tracing import traces_url
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from engine.weights import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("default"))
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -143,49 +133,6 @@ def test_api_error_headers_and_roundtrip():
     assert APIError.from_dict(e.to_dict()).body() == e.body()
     assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
     assert traces_url("http://h:4318/v1/traces/") == "http://h:4318/v1/traces"
-
-
-# ---------------------------------------------------------------------------------------- detokenization
-
-
-def test_incremental_detokenization_multibyte(tokenizer):
-    text = "Hello wörld! 日本語のテキスト 🎉🚀 naïve café — done."
-    ids = tokenizer.encode(text)
-    prompt = tokenizer.encode("<|im_start|>assistant\n")
-    d = Detokenizer(tokenizer, prompt)
-    parts = [d.add([i]) for i in ids] + [d.finish()]
-    assert "".join(parts) == tokenizer.decode(ids) == text
-    assert not any("\ufffd" in p for p in parts), "no half characters are ever emitted"
-    assert sum(1 for p in parts if p == "") > 0, "some tokens are only part of a character"
-    # Several tokens at once (a speculative step) give the same text.
-    d2 = Detokenizer(tokenizer, prompt)
-    chunks = [ids[i:i + 3] for i in range(0, len(ids), 3)]
-    assert "".join(d2.add(c) for c in chunks) + d2.finish() == text
-
-
-def test_stop_strings_are_cut_and_never_leak(tokenizer):
-    text = "The answer is 42. STOP here and never again."
-    ids = tokenizer.encode(text)
-    d = Detokenizer(tokenizer, None, stop=["STOP", "never"])
-    parts = []
-    for i in ids:
-        parts.append(d.add([i]))
-        if d.stopped:
-            break
-    parts.append(d.finish())
-    out = "".join(parts)
-    assert out == "The answer is 42. "
-    assert d.stopped
-    # A stop string split across tokens is held back until it is decided.
-    d = Detokenizer(tokenizer, None, stop=["42."])
-    emitted = ""
-    for i in ids:
-        emitted += d.add([i])
-        assert "42" not in emitted
-    assert emitted + d.finish() == "The answer is "
-    # No stop string: nothing is held back at the end.
-    d = Detokenizer(tokenizer, None, stop=["zzz"])
-    assert "".join(d.add([i]) for i in ids) + d.finish() == text
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -69,17 +69,6 @@ def test_abort_frees_blocks(make_engine, chat_prompts):
     assert engine.kv_blocks_used == 0
 
 
-def test_stop_strings_and_eos(make_engine, tokenizer, chat_prompts):
-    engine = make_engine()
-    full = engine.generate([chat_prompts[0]], SamplingParams(max_tokens=40))[0]
-    assert full.finish_reason == "stop" and full.token_ids[-1] in engine.eos_ids  # "Paris.<|im_end|>"
-    text = tokenizer.decode(full.token_ids, skip_special_tokens=True)
-    word = text.split()[2]
-    cut = engine.generate([chat_prompts[0]], SamplingParams(max_tokens=40, stop=[word]))[0]
-    assert cut.finish_reason == "stop"
-    assert cut.seq.output_text == text[: text.find(word)]
-
-
 def test_request_errors(make_engine):
     from engine.engine import RequestError
 

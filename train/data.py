@@ -129,9 +129,8 @@ def build_shards(model_dir: str, prompts: list[tuple[str, list[int]]], out: str,
     temperatures[i % len(temperatures)] (seeded per prompt). worker (i, n): build only
     shards k with k % n == i, so n processes can share one output directory.
     """
+    from engine.build import build_engine
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.executor import InProcessExecutor
     from engine.runner import ModelRunner
     from engine.sampling import SamplingParams
 
@@ -141,8 +140,8 @@ def build_shards(model_dir: str, prompts: list[tuple[str, list[int]]], out: str,
     todo = [k for k in range(n_shards) if not os.path.exists(paths[k]) and k % worker[1] == worker[0]]
     if not todo:
         return paths
-    cfg = EngineConfig(model=model_dir, dtype=gen_dtype, max_num_seqs=max_num_seqs, kv_cache_gib=2.0, seed=seed)
-    engine = LLMEngine(cfg, InProcessExecutor(model_dir, gen_dtype))
+    engine = build_engine(EngineConfig(model=model_dir, dtype=gen_dtype, drafter="off", max_num_seqs=max_num_seqs,
+                                       kv_cache_gib=2.0, seed=seed))
     runner = ModelRunner(model_dir, feature_dtype)
     hidden = runner.config.hidden_size
     bar = tqdm(total=len(todo), desc="shards", disable=not progress)
@@ -237,10 +236,11 @@ def main(argv=None) -> int:
         else:
             extra = []
             if args.self_questions:
+                from engine.build import build_engine
                 from engine.config import EngineConfig
-                from engine.engine import LLMEngine
 
-                eng = LLMEngine(EngineConfig(model=model_dir, dtype=args.gen_dtype, max_num_seqs=args.max_num_seqs))
+                eng = build_engine(EngineConfig(model=model_dir, dtype=args.gen_dtype, drafter="off",
+                                                max_num_seqs=args.max_num_seqs))
                 extra = self_questions(eng, args.self_questions, args.seed)
                 del eng
                 print(f"target wrote {len(extra)} usable questions", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Incremental detokenization for streaming.
+"""Incremental detokenization: the engine's text output and its stop strings.
 
 Decoding token by token breaks characters that span several byte-level tokens
 (emoji, CJK) and drops leading spaces of SentencePiece pieces. ``Detokenizer``
@@ -7,7 +7,9 @@ window ``ids[prefix:]`` and emits only the text beyond ``ids[prefix:read]``,
 and holds everything back while the window ends in an incomplete character
 (U+FFFD). With stop strings, the last ``max(len(stop)) - 1`` characters are
 also held back, since they may be the start of a stop string; the text is cut
-before the first stop string found.
+before the first stop string found. The engine owns one per request
+(``Sequence.detok``) and ends the request at the token that completes a stop
+string, so text and stop strings are handled in one place.
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ class Detokenizer:
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent:end], end
         return out
+
+    @property
+    def emitted(self) -> str:
+        """All text emitted so far."""
+        return self.text[:self.sent]
 
     def finish(self) -> str:
         """The remaining text when the request ends (held-back characters, a trailing partial character)."""
