@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.shard import TargetShard, pack_input, pack_tensor, unpack_output
 from engine.config import EngineConfig, ModelConfig
 from engine.executor import Executor
-from engine.runner import ModelInput, ModelOutput
+from engine.batch import ModelInput, ModelOutput
 from engine.weights import resolve_model
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class RayExecutor(Executor):
                 num_cpus=cpus_per_rank,
                 num_gpus=(1.0 - self.drafter_gpus if rank == 0 else 1.0) if self.gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(cfg.model, cfg.dtype, cfg.device, rank, self.tp, num_threads))
+            ).remote(cfg.model, cfg.dtype, cfg.device, rank, self.tp, num_threads, cfg.attention_backend))
         address, port = self._call("rendezvous", ranks=[0], timeout_s=timeout_s)[0]
         # The group's own timeout is longer than ours: the driver decides when a step has failed.
         self._call("load", address, port, self.step_timeout_s + 30, timeout_s=timeout_s)

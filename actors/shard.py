@@ -28,7 +28,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.parallel import TPGroup
-from engine.runner import ModelInput, ModelOutput, ModelRunner
+from engine.batch import ModelInput, ModelOutput
+from engine.runner import ModelRunner
 from engine.weights import resolve_model
 
 
@@ -57,9 +58,10 @@ def join_group(rank: int, world_size: int, address: str, port: int, device: str,
 @ray.remote(max_restarts=0, max_task_retries=0)
 class TargetShard:
     def __init__(self, model: str, dtype: str, device: str, rank: int, world_size: int,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, attention_backend: str = "auto"):
         """model: a checkpoint directory or "default" (resolved on this node)."""
         self.model, self.dtype, self.device = model, dtype, local_device(device)
+        self.attention_backend = attention_backend
         self.rank, self.world_size = rank, world_size
         if self.device == "cpu":
             # Ranks of one replica share the node's cores; oversubscription makes gloo crawl.
@@ -78,7 +80,8 @@ class TargetShard:
         if self.world_size > 1:
             join_group(self.rank, self.world_size, address, port, self.device, timeout_s)
         tp = TPGroup(self.rank, self.world_size)  # group None: this process's default group
-        self.runner = ModelRunner(resolve_model(self.model), self.dtype, self.device, tp=tp)
+        self.runner = ModelRunner(resolve_model(self.model), self.dtype, self.device, tp=tp,
+                                  attention_backend=self.attention_backend)
         return self.runner.config
 
     def kv_bytes_per_block(self, block_size: int) -> int:

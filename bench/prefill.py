@@ -7,7 +7,7 @@ A prompt of N tokens is the first N of the bench prompts' chat-formatted text, r
 through ``LLMEngine.generate(max_tokens=1)`` (the engine's whole path: scheduling, the
 forward, sampling) and through one transformers forward of the same ids (logits of the
 last row only). Where the fused CPU kernel runs, the engine takes prompts of up to
-``PREFILL_CHUNKS * max_rows`` tokens as fused chunks of ``max_rows`` (engine/runner.py,
+``PREFILL_CHUNKS * max_rows`` tokens as fused chunks of ``max_rows`` (engine/backends.py,
 ``split_causal``), longer ones on its eager torch path, which is timed too
 (``engine_torch_path``). The sides run round-robin, medians over --repeats, so a noisy
 host slows them alike; ``ratio`` is transformers' time over the engine's.
@@ -42,7 +42,7 @@ def main():
 
     from engine.config import EngineConfig
     from engine.build import build_engine
-    from engine.runner import PREFILL_CHUNKS
+    from engine.backends import PREFILL_CHUNKS
     from engine.sampling import SamplingParams
     from engine.weights import default_model_dir
 

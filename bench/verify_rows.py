@@ -34,7 +34,8 @@ def main():
     if rows[0] < 1 or args.context < 1 or args.repeats < 1:
         raise SystemExit("error: --rows, --context and --repeats must be positive")
 
-    from engine.runner import ModelRunner, SeqInput, build_model_input
+    from engine.batch import SeqInput, build_model_input
+    from engine.runner import ModelRunner
     from engine.weights import default_model_dir
 
     runner = ModelRunner(default_model_dir(), args.dtype)

@@ -1,48 +1,130 @@
-"""Attention over the paged KV cache: metadata and backend choice.
+"""Attention over the paged KV cache: the per-forward metadata and the two implementations.
 
-The CPU path uses the torch reference in treespec_kernels/reference.py; on CUDA the
-Triton kernels in treespec_kernels/triton_attention.py are used (imported lazily, so
-CPU runs never need Triton).
+``upload`` turns a host ``ModelInput`` into what one forward needs on its device, once
+per forward, shared by every layer: one host-to-device copy of all the step's integers
+(token ids, positions, slots, block tables, context lengths, query starts, tree
+parents), then the tree's ancestor mask built on the device (``batch_ancestor_mask``),
+bit-packed once for the Triton kernel. No layer converts a list or waits on the host.
+
+Attention backends (``EngineConfig.attention_backend``):
+- "torch": the reference in treespec_kernels/reference.py, any device;
+- "triton": the kernels in treespec_kernels/triton_attention.py, on CUDA, or on CPU
+  tensors in Triton's interpreter (slow, for tests: ``TRITON_INTERPRET=1``, set here when
+  triton is not imported yet, else at the process's start);
+- "auto": triton on CUDA, torch elsewhere (where a bf16 CPU model runs whole forwards
+  in the fused C kernel instead: engine/backends.py).
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
+from engine.config import ATTENTION_BACKENDS
 from treespec_kernels.reference import attention_plan
 from treespec_kernels.reference import paged_attention as torch_paged_attention
 from treespec_kernels.reference import write_kv
+from treespec_kernels.tree import batch_ancestor_mask, pack_mask
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA, "torch" elsewhere; a forced backend is checked and loaded."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        triton_attention(device)  # fail at start, not at the first request
+    return name
+
+
+def triton_attention(device: torch.device):
+    """The Triton kernel module; on CPU, in Triton's interpreter. Triton picks interpreted or
+    compiled functions when its modules are imported (its own ``tl.zeros`` & co. included), so
+    on CPU the flag must be on before anything imports triton; the flag stays set for the
+    process, because triton reads it again at each launch."""
+    interpret = device.type != "cuda"
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language as tl
+
+        if type(tl.zeros).__name__ != "InterpretedFunction":
+            raise ValueError("attention_backend='triton' on CPU runs in Triton's interpreter, which must be on "
+                             "before triton is first imported: start the process with TRITON_INTERPRET=1")
+    import treespec_kernels.triton_attention as module
+
+    if (type(module._tree_attention_kernel).__name__ == "InterpretedFunction") != interpret:
+        module = importlib.reload(sys.modules["treespec_kernels.triton_attention"])
+    return module
 
 
 @dataclass
 class AttentionMetadata:
-    """What every attention layer of one forward needs (see treespec_kernels/__init__.py).
+    """What every attention layer of one forward needs, on the forward's device.
 
+    backend: "torch" or "triton".
     slot_mapping:    [N] int64, cache slot of each new token.
     block_tables:    [B, max_blocks] int32.
-    context_lens:    B ints, tokens already in the cache before this forward.
-    query_start_loc: B+1 ints, spans of each sequence's new tokens in the batch.
-    tree_mask:       None (causal) or bool [N, max_T] (draft trees).
+    context_lens:    B ints, tokens already in the cache before this forward (host copy);
+                     context_lens_t: the same as int32 [B] on the device.
+    query_start_loc: B+1 ints, spans of each sequence's new tokens (host copy);
+                     query_start_loc_t: int32 [B+1] on the device.
+    max_query_len:   the largest span (sizes the Triton grid without a host sync).
+    tree_mask:       None (causal) or bool [N, max_query_len]: row i sees its sequence's
+                     context and the new tokens marked True (its tree ancestors and itself).
+    packed_mask:     tree_mask bit-packed (int32 [N, words]) for the Triton kernel.
     """
 
+    backend: str
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: list[int]
     query_start_loc: list[int]
+    context_lens_t: torch.Tensor
+    query_start_loc_t: torch.Tensor
+    max_query_len: int
     tree_mask: torch.Tensor | None = None
-    # CPU path: padding and mask of the forward, built by the first layer for the rest.
-    plans: dict = field(default_factory=dict)
+    packed_mask: torch.Tensor | None = None
+    kernels: object = None  # triton backend: the kernel module
+    plans: dict = field(default_factory=dict)  # torch backend: padding and mask, built by the first layer
+
+
+def upload(inp, device: torch.device, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                              AttentionMetadata]:
+    """inp: engine.batch.ModelInput (host). Returns (input_ids [N], positions [N],
+    logits_indices [M], AttentionMetadata), all on ``device``."""
+    n, batch = len(inp.input_ids), len(inp.context_lens)
+    qsl = list(inp.query_start_loc)
+    max_q = max(b - a for a, b in zip(qsl[:-1], qsl[1:]))
+    parts = [inp.input_ids, inp.positions, inp.slot_mapping, inp.logits_indices,
+             torch.tensor(inp.context_lens + qsl, dtype=torch.long), inp.block_tables.flatten().long()]
+    if inp.tree_parents is not None:
+        parts += list(inp.tree_rows())
+    sizes = [len(p) for p in parts]
+    flat = torch.cat(parts)
+    if flat.device != device:
+        flat = flat.to(device, non_blocking=True)  # the forward's one host-to-device copy
+    ids, pos, slots, logits_idx, lens, tables, *tree = flat.split(sizes)
+    lens = lens.to(torch.int32)
+    mask = batch_ancestor_mask(tree[0], tree[1], max_q) if tree else None
+    meta = AttentionMetadata(
+        backend, slots, tables.view(batch, -1).to(torch.int32), list(inp.context_lens), qsl,
+        lens[:batch], lens[batch:], max_q, mask,
+        pack_mask(mask) if mask is not None and backend == "triton" else None,
+        triton_attention(device) if backend == "triton" else None,
+    )
+    assert len(ids) == n
+    return ids, pos, logits_idx, meta
 
 
 def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [N, H, D] -> [N, H, D]."""
-    if q.is_cuda:
-        from treespec_kernels.triton_attention import paged_attention as triton_paged_attention
-
-        return triton_paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
-            meta.tree_mask, scale,
+    if meta.backend == "triton":
+        return meta.kernels.paged_attention_packed(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens_t, meta.query_start_loc_t,
+            meta.packed_mask, scale, meta.max_query_len,
         )
     key = (q.shape[1] // k_cache.shape[2], q.dtype)  # (query heads per KV head, dtype)
     plan = meta.plans.get(key)
@@ -57,4 +139,4 @@ def attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.
     )
 
 
-__all__ = ["AttentionMetadata", "attend", "write_kv"]
+__all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "attend", "resolve_attention_backend", "upload", "write_kv"]

@@ -36,7 +36,8 @@ def build_engine(config: EngineConfig, *, executor=None, tokenizer=None) -> LLME
     resolved = config.resolve(getattr(executor, "dtype", None))
     model_dir = resolve_model(resolved.model)
     if executor is None:
-        executor = InProcessExecutor(model_dir, resolved.dtype, resolved.device)
+        executor = InProcessExecutor(model_dir, resolved.dtype, resolved.device,
+                                     attention_backend=resolved.attention_backend)
     drafter = None
     if resolved.drafter != "off" and resolved.tree_budget > 0:
         try:

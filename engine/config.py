@@ -78,6 +78,7 @@ class ModelConfig:
 
 
 DRAFTER_KINDS = ("off", "eagle", "medusa")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # engine/attention.py
 
 
 @dataclass
@@ -114,6 +115,8 @@ class EngineConfig:
         into the drafter's tree as one more chain; engine/lookup.py); 0 disables it. These
         nodes come on top of tree_budget and cost no drafter forward.
     num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
+    attention_backend: "auto" (Triton on CUDA; on CPU torch, or the fused C kernel for a
+        bf16 model), "torch" or "triton" (on CPU in Triton's interpreter: slow, for tests).
     """
 
     model: str = "default"
@@ -135,6 +138,7 @@ class EngineConfig:
     draft_min_prob: float | None = None
     draft_int8: bool = True
     lookup_tokens: int = 6
+    attention_backend: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -160,6 +164,8 @@ class EngineConfig:
             raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
         if self.lookup_tokens < 0:
             raise ValueError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -23,7 +23,7 @@ from engine.drafters.base import DraftTree
 from engine.executor import Executor
 from engine.kv_cache import BlockAllocator
 from engine.lookup import NgramIndex, merge_chain
-from engine.runner import SeqInput, build_model_input
+from engine.batch import SeqInput, build_model_input
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence

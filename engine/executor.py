@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import ModelConfig
-from engine.runner import ModelInput, ModelOutput, ModelRunner
+from engine.batch import ModelInput, ModelOutput
+from engine.runner import ModelRunner
 
 
 class Executor:
@@ -37,8 +38,9 @@ class Executor:
 
 class InProcessExecutor(Executor):
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", config: ModelConfig | None = None,
-                 load: bool = True):
-        self.runner = ModelRunner(model_dir, dtype, device, config=config, load=load)
+                 load: bool = True, attention_backend: str = "auto"):
+        self.runner = ModelRunner(model_dir, dtype, device, config=config, load=load,
+                                  attention_backend=attention_backend)
         self.config = self.runner.config
         self.dtype = dtype
 

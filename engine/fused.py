@@ -6,7 +6,7 @@ bf16 model's matrices into one arena per thread (each thread's rows of every mat
 in the order the forward uses them) and runs a whole forward for a few rows in one C
 call of at most ``max_rows`` rows (32, or 256 on AMX tiles and in the AVX2 build); a
 prefill of up to ``PREFILL_CHUNKS`` times that runs as such calls in order
-(engine/runner.py), and longer ones stay on the torch path, where oneDNN's GEMMs are
+(engine/backends.py), and longer ones stay on the torch path, where oneDNN's GEMMs are
 compute-bound and as fast.
 
 ``FusedModel.for_target(model)`` packs the target (None, and the caller
@@ -86,61 +86,6 @@ def fused_disabled_reason(weight: torch.Tensor, world_size: int = 1, attention: 
 def fused_kernel_available() -> bool:
     """Whether bf16 CPU models can run the fused kernel here (not disabled, a build fits)."""
     return os.environ.get("TREESPEC_CPU_KERNEL", "auto") != "torch" and cpu_fused.unsupported_reason() is None
-
-
-_helpers: list = []  # [kernel library or None], decided once
-
-
-def _helper_lib():
-    """The kernel library for the small row helpers below, or None (torch then)."""
-    if not _helpers:
-        _helpers.append(cpu_fused.load(build_dir()) if fused_kernel_available() else None)
-    return _helpers[0]
-
-
-def _fits_helper(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and _helper_lib() is not None
-
-
-def argmax_rows(logits: torch.Tensor) -> list[int]:
-    """Row-wise argmax of fp32 CPU logits [R, V] as a list (torch.argmax's first maximum),
-    by the kernel library's vectorized scan where it builds (torch's takes ~1 ms for a
-    13-row tree of a 49k vocabulary, ~10% of a verification step); torch elsewhere."""
-    if not _fits_helper(logits):
-        return logits.argmax(-1).tolist()
-    x = logits.contiguous()
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    _helper_lib().fused_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
-    return out.tolist()
-
-
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits [R, V] -> (the k best log-probabilities [R, k], best first, their indices
-    [R, k]): a drafter's per-depth top-k, in one vectorized C pass where the kernel library
-    builds (torch's topk + logsumexp cost ~0.4 ms a call at [4, 8192]); torch elsewhere."""
-    if not _fits_helper(logits) or not 0 < k <= min(64, logits.shape[1]):
-        vals, idx = logits.topk(k, dim=-1)  # log-softmax only where it is kept: k of V values
-        return vals - torch.logsumexp(logits, dim=-1, keepdim=True), idx
-    x = logits.contiguous()
-    vals = torch.empty(x.shape[0], k, dtype=torch.float32)
-    idx = torch.empty(x.shape[0], k, dtype=torch.int64)
-    _helper_lib().fused_topk(x.data_ptr(), x.shape[0], x.shape[1], k, vals.data_ptr(), idx.data_ptr(),
-                             torch.get_num_threads())
-    return vals, idx
-
-
-def topk_logprob_lists(logits: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
-    """topk_logprobs as Python lists (what a drafter's tree search consumes), written by the
-    C pass straight into ctypes arrays: no tensors to allocate or convert per call."""
-    if not _fits_helper(logits) or not 0 < k <= min(64, logits.shape[1]):
-        vals, idx = topk_logprobs(logits, k)
-        return vals.tolist(), idx.tolist()
-    x = logits.contiguous()
-    rows = x.shape[0]
-    vals, idx = (ctypes.c_float * (rows * k))(), (ctypes.c_int64 * (rows * k))()
-    _helper_lib().fused_topk(x.data_ptr(), rows, x.shape[1], k, vals, idx, torch.get_num_threads())
-    vals, idx = vals[:], idx[:]
-    return [vals[r * k:(r + 1) * k] for r in range(rows)], [idx[r * k:(r + 1) * k] for r in range(rows)]
 
 
 def _t(x) -> int:
@@ -482,11 +427,11 @@ class FusedModel(_Packed):
             raise MemoryError("KV compaction could not allocate its row buffer")
 
     def forward(self, inp, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """A target forward: inp is an engine.runner.ModelInput of <= max_rows rows.
+        """A target forward: inp is an engine.batch.ModelInput of <= max_rows rows.
         Returns hidden, logits and each logits row's argmax (for greedy verification)."""
         argmax = torch.empty(len(inp.logits_indices), dtype=torch.int64)
         hidden, logits = self.run(kv_cache, inp.positions, inp.slot_mapping, inp.query_start_loc, inp.context_lens,
-                                  inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask,
+                                  inp.block_tables, inp.logits_indices, ids=inp.input_ids, tree_mask=inp.tree_mask(),
                                   argmax=argmax)
         return hidden, logits, argmax.tolist()
 

@@ -11,6 +11,8 @@ import json
 import sys
 import time
 
+from engine.config import ATTENTION_BACKENDS
+
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
@@ -35,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="draft-head rows, the drafter's most frequent tokens first (0: all; default: auto)")
     ap.add_argument("--draft-min-prob", type=float, default=None,
                     help="EAGLE: stop drafting deeper below this path probability (0: exact EAGLE-2 search)")
+    ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                    help="auto: Triton on CUDA, torch or the fused C kernel on CPU; triton on CPU runs "
+                         "in Triton's interpreter (slow)")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     return ap.parse_args(argv)
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
                                 top_k=args.top_k, seed=args.seed)
         cfg = EngineConfig(model=args.model, dtype=args.dtype, drafter=args.drafter, draft_path=args.draft,
                            max_num_seqs=1, tree_budget=args.tree_budget, draft_vocab_size=args.draft_vocab,
-                           draft_min_prob=args.draft_min_prob)
+                           draft_min_prob=args.draft_min_prob, attention_backend=args.attention_backend)
         engine = build_engine(cfg)
         prompt = args.prompt if args.raw else engine.tokenize_chat([{"role": "user", "content": args.prompt}])
         t0 = time.perf_counter()

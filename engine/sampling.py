@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.fused import argmax_rows
+from engine.ops import argmax_rows
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.fused import argmax_rows
+from engine.ops import argmax_rows
 from engine.sampling import SamplingParams, target_probs
 
 

@@ -237,7 +237,7 @@ def test_tiny_model_tp2_with_drafter_actor(tiny):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wire_format_round_trip(dtype):
-    from engine.runner import ModelOutput, SeqInput, build_model_input
+    from engine.batch import ModelOutput, SeqInput, build_model_input
     from actors.shard import pack_input, pack_output, unpack_input, unpack_output
 
     inp = build_model_input([SeqInput([1, 2, 3], [4, 5, 5], [7], 4, tree_parents=[-1, 0, 0]),

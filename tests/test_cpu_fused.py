@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from conftest import random_llama_dir
-from engine.fused import FusedModel, argmax_rows, topk_logprobs
-from engine.runner import ModelRunner, SeqInput, build_model_input
+from engine.fused import FusedModel
+from engine.ops import argmax_rows, topk_logprobs
+from engine.batch import SeqInput, build_model_input
+from engine.runner import ModelRunner
 from treespec_kernels.cpu_fused import has_amx, unsupported_reason
 
 pytestmark = pytest.mark.skipif(unsupported_reason() is not None, reason=f"fused CPU kernel: {unsupported_reason()}")
@@ -52,7 +54,7 @@ def chunked_logits(runner: ModelRunner, ids: list[int], split: int, table: list[
 
 def test_default_model_bf16_fused_is_as_accurate_as_torch_bf16(default_dir, hf_model, tokenizer):
     fused = ModelRunner(default_dir, "bfloat16")
-    torch_bf16 = ModelRunner(default_dir, "bfloat16", fused=False)
+    torch_bf16 = ModelRunner(default_dir, "bfloat16", attention_backend="torch")
     assert fused.fused is not None and torch_bf16.fused is None
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
                                         add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -152,12 +154,12 @@ def test_tree_rows_are_bit_identical_to_decoding_the_path(default_dir, parents, 
 
 
 def test_long_causal_forwards_in_chunks_equal_one_forward(tmp_path):
-    """A prefill of more rows than the kernel takes runs as fused chunks (engine/runner.py,
+    """A prefill of more rows than the kernel takes runs as fused chunks (engine/backends.py,
     split_causal): three sequences, one with cached context, cut across chunk edges, logits
     rows asked out of order. Oracle: the same forward in one fused call (a larger max_rows),
     which must agree bit for bit (a row never depends on the rows beside it), KV cache too;
     and the torch fp32 path within bf16's error."""
-    from engine import runner as runner_mod
+    from engine import backends
 
     d = random_llama_dir(str(tmp_path), hidden=96, heads=6, kv_heads=2, layers=2, tie=False)
     r, ref = ModelRunner(d, "bfloat16"), ModelRunner(d, "float32")
@@ -170,9 +172,9 @@ def test_long_causal_forwards_in_chunks_equal_one_forward(tmp_path):
              SeqInput(ids[60:71], list(range(11)), tables[2], 0, logits_rows=list(range(11)))]
     n = sum(len(s.token_ids) for s in batch)
     inp = build_model_input(batch, 4)
-    pieces = runner_mod.split_causal(inp, 13)
+    pieces = backends.split_causal(inp, 13)
     assert len(pieces) == -(-n // 13) and sum(len(c.input_ids) for c, _ in pieces) == n
-    assert n <= runner_mod.PREFILL_CHUNKS * 13  # so 13-row chunks, not the torch path
+    assert n <= backends.PREFILL_CHUNKS * 13  # so 13-row chunks, not the torch path
     outs, caches = [], []
     for max_rows in (13, n):  # chunked, then one call
         r.fused.max_rows = max_rows
@@ -204,7 +206,7 @@ def test_fused_only_where_it_applies(tmp_path, monkeypatch):
     # the cache stays small) take the torch path; 40 rows run fused on AMX tiles (two passes
     # over the weights: 32 rows, then 8), in 32-row chunks on AVX512-BF16 alone; all agree
     # with small chunks
-    from engine.runner import PREFILL_CHUNKS
+    from engine.backends import PREFILL_CHUNKS
 
     max_rows, r.fused.max_rows = r.fused.max_rows, 16
     table, n = list(range(80)), PREFILL_CHUNKS * 16 + 8

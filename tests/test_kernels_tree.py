@@ -9,7 +9,7 @@ import torch
 
 from treespec_kernels.tree import (
     ancestor_mask,
-    ancestor_rows,
+    batch_ancestor_mask,
     batch_tree_mask,
     batch_tree_positions,
     pack_mask,
@@ -61,12 +61,11 @@ def test_mask_depth_paths_match_parent_walk(kind, t):
     mask = ancestor_mask(parents)
     depth = tree_depth(parents)
     assert mask.dtype == torch.bool and mask.shape == (t, t)
-    rows, depths = ancestor_rows(parents, t + 3), tree_depth_list(parents)  # the engine's list forms
+    depths = tree_depth_list(parents)  # the engine's list form
     for i in range(t):
         path = ancestors(parents, i)
         assert mask[i].nonzero().flatten().tolist() == path
         assert depth[i].item() == depths[i] == len(path) - 1
-        assert [j for j, seen in enumerate(rows[i]) if seen] == path and len(rows[i]) == t + 3
 
     leaves = sorted(set(range(t)) - set(parents))
     paths = tree_paths(parents)
@@ -77,6 +76,26 @@ def test_mask_depth_paths_match_parent_walk(kind, t):
         assert row == path + [-1] * (padded.shape[1] - len(path))
 
 
+def test_batch_ancestor_mask_matches_parent_walk():
+    """The engine's per-forward mask: several trees (and a forest) as one batch of rows."""
+    rng = random.Random(7)
+    trees = [random_tree(kind, t, rng) for kind, t in TREES[:6]] + [[-1, 0, -1, 2, 1]]
+    width = max(len(p) for p in trees) + 5
+    parent_rows, local, start = [], [], 0
+    for p in trees:
+        parent_rows += [start + x if x >= 0 else start + i for i, x in enumerate(p)]
+        local += range(len(p))
+        start += len(p)
+    mask = batch_ancestor_mask(torch.tensor(parent_rows), torch.tensor(local), width)
+    assert mask.shape == (start, width) and mask.dtype == torch.bool
+    row = 0
+    for p in trees:
+        for i in range(len(p)):
+            assert mask[row].nonzero().flatten().tolist() == ancestors(p, i)
+            row += 1
+    assert torch.equal(mask[:, :128], batch_tree_mask(trees)[:, :128])
+
+
 def test_forest_and_tensor_input():
     parents = torch.tensor([-1, 0, -1, 2, 1])
     assert tree_depth(parents).tolist() == [0, 1, 0, 1, 2]
@@ -85,7 +104,7 @@ def test_forest_and_tensor_input():
 
 @pytest.mark.parametrize("bad", [[0], [-1, 1], [-1, 2, 0], [-1, -2], []])
 def test_invalid_parents_raise(bad):
-    for f in (ancestor_mask, tree_depth_list, ancestor_rows):
+    for f in (ancestor_mask, tree_depth_list):
         with pytest.raises(ValueError):
             f(bad)
 

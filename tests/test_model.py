@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import random_llama_dir
-from engine.runner import ModelRunner, SeqInput, build_model_input
+from engine.batch import SeqInput, build_model_input
+from engine.runner import ModelRunner
 
 
 def engine_logits(runner: ModelRunner, ids: list[int], split: int, block_table: list[int]) -> torch.Tensor:
@@ -99,11 +100,11 @@ def test_bf16_packed_weights_match_plain_linear(tmp_path):
     from engine.parallel import pack_cpu_weights
 
     d = random_llama_dir(str(tmp_path), tie=False, layers=3)
-    plain = ModelRunner(d, "bfloat16", pack_weights=False, fused=False)
+    plain = ModelRunner(d, "bfloat16", pack_weights=False, attention_backend="torch")
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # e.g. an AVX2-only CPU
         assert pack_cpu_weights(plain.model) == 0  # nothing packed: the model keeps F.linear
         pytest.skip("oneDNN packs bf16 weights only on CPUs with AVX512-BF16/AMX or AVX-NE-CONVERT")
-    packed = ModelRunner(d, "bfloat16", fused=False)
+    packed = ModelRunner(d, "bfloat16", attention_backend="torch")
     assert not any("packed_weight" in m.__dict__ for m in plain.model.modules())
     assert sum("packed_weight" in m.__dict__ for m in packed.model.modules()) == 3 * 4 + 1  # 4 per layer + head
     assert pack_cpu_weights(ModelRunner(d, "float32").model) == 0  # fp32 keeps F.linear

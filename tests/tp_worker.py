@@ -15,7 +15,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.parallel import TPGroup  # noqa: E402
-from engine.runner import ModelRunner, SeqInput, build_model_input  # noqa: E402
+from engine.batch import SeqInput, build_model_input  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
 
 
 def run(runner: ModelRunner, ids: list[int]) -> torch.Tensor:

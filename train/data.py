@@ -90,7 +90,7 @@ def prefill_features(runner, seqs: list[list[int]], max_batch_tokens: int = 4096
     runner: engine.runner.ModelRunner (its KV cache is (re)allocated here).
     Returns [L_i, H] tensors in the runner's dtype.
     """
-    from engine.runner import SeqInput, build_model_input
+    from engine.batch import SeqInput, build_model_input
 
     bs = 16
     longest = max(len(s) for s in seqs)

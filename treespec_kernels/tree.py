@@ -62,15 +62,27 @@ def ancestor_mask(parents: Parents) -> torch.Tensor:
     return mask
 
 
-def ancestor_rows(parents: Parents, width: int | None = None) -> list[list[bool]]:
-    """ancestor_mask as lists, in plain Python (a draft tree: each row is its parent's row
-    plus itself); rows padded with False to ``width`` columns (default T)."""
-    pl = _parent_list(parents)
-    return _ancestor_rows(pl, width or len(pl))
+def batch_ancestor_mask(parent_rows: torch.Tensor, local: torch.Tensor, width: int) -> torch.Tensor:
+    """The ancestor masks of a batch of trees, built on the tensors' device with no host sync.
+
+    The batch's rows are the trees' nodes concatenated. parent_rows: int64 [N], the row of
+    each row's parent (a root: its own row); local: int64 [N], each row's node index in its
+    tree; width: at least the largest tree. Returns bool [N, width]: row r is True at the
+    local index of r and of each of its ancestors (``batch_tree_mask``'s layout). log2(width)
+    rounds of pointer jumping (see ``ancestor_mask``).
+    """
+    mask = local[:, None] == torch.arange(width, device=local.device)
+    jump, reach = parent_rows, 1
+    while reach < width:
+        mask = mask | mask[jump]
+        jump = jump[jump]
+        reach *= 2
+    return mask
 
 
 def _ancestor_rows(pl: list[int], width: int) -> list[list[bool]]:
-    """ancestor_rows of an already validated parent list."""
+    """The ancestor mask as lists, in plain Python (each row is its parent's row plus itself),
+    rows padded with False to ``width`` columns; for an already validated parent list."""
     rows: list[list[bool]] = []
     for i, parent in enumerate(pl):
         row = list(rows[parent]) if parent >= 0 else [False] * width

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from engine.fused import topk_logprob_lists, topk_logprobs
+from engine.ops import topk_logprob_lists, topk_logprobs
 from engine.parallel import linear
 
 

@@ -1,0 +1,115 @@
+"""The engine end to end through each attention backend (engine/attention.py).
+
+The Triton kernels run on CPU tensors in Triton's interpreter, which must be on before the
+process first imports triton (transformers imports it): so the Triton runs happen in a child
+process started with TRITON_INTERPRET=1, this file's ``__main__``. The oracle is the same
+engine on the "torch" reference attention: speculative decoding at T=0, with 8-node EAGLE trees verified
+in one forward, must produce the same tokens on both.
+
+fp32 and fp16 are compared; bf16 only on a GPU (the interpreter's bf16 ``tl.dot`` is wrong:
+docs/kernels.md, Tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, random_llama_dir
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.drafters.loading import load_drafter
+from engine.executor import InProcessExecutor
+
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2, 250, 8], [64, 65, 66, 67, 68, 69, 70, 71, 72]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return random_llama_dir(str(tmp_path_factory.mktemp("tiny")), heads=4, kv_heads=2, hidden=64, layers=2,
+                            vocab=300, seed=5)
+
+
+def run_engine(model_dir: str, dtype: str, attention_backend: str):
+    executor = InProcessExecutor(model_dir, dtype, attention_backend=attention_backend)
+    cfg = EngineConfig(model=model_dir, drafter="eagle", draft_path="random", tree_budget=8, draft_depth=4,
+                       draft_top_k=2, block_size=16, num_blocks=64, seed=0, dtype=dtype,
+                       draft_min_prob=0.0, draft_vocab_size=0, attention_backend=attention_backend)
+    drafter = load_drafter(cfg, model_dir, executor, seed=1)
+    engine = LLMEngine(cfg, executor, drafter)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert engine.kv_blocks_used == 0
+    return outs, executor
+
+
+def tokens_in_child(model_dir: str, dtype: str, attention_backend: str) -> dict:
+    """run_engine in a fresh process with Triton's interpreter on: {"tokens", "drafted", "verify_steps"}."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, __file__, model_dir, dtype, attention_backend], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_engine_through_triton_equals_torch(tiny_dir, dtype):
+    torch_outs, torch_exec = run_engine(tiny_dir, dtype, "torch")
+    assert torch_exec.runner.backend.attention == "torch"
+    triton_run = tokens_in_child(tiny_dir, dtype, "triton")
+    assert triton_run["attention"] == "triton"
+    assert triton_run["tokens"] == [o.token_ids for o in torch_outs]
+    assert all(len(o.token_ids) == 12 for o in torch_outs)
+    # trees of several nodes were really verified through the kernels
+    assert triton_run["drafted"] >= 8 * len(PROMPTS)
+    assert triton_run["verify_steps"] >= len(PROMPTS)
+
+
+def test_triton_on_cpu_needs_the_interpreter_from_the_start(tiny_dir):
+    """In a process that imported triton compiled (this one: transformers imports it), asking
+    for the Triton backend on CPU is a clear error at start, not a failure inside a kernel."""
+    import triton.language as tl
+
+    if type(tl.zeros).__name__ == "InterpretedFunction":
+        pytest.skip("this process runs Triton interpreted")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        InProcessExecutor(tiny_dir, "float32", attention_backend="triton")
+
+
+def test_attention_backend_is_validated(tiny_dir):
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(model=tiny_dir, attention_backend="flash").resolve()
+    with pytest.raises(ValueError, match="attention_backend"):
+        InProcessExecutor(tiny_dir, "float32", attention_backend="flash")
+
+
+def test_generate_cli_forces_the_triton_backend():
+    """``python -m engine.generate --attention-backend triton`` runs the default model and its
+    shipped EAGLE drafter through the Triton kernels (interpreted on CPU) and prints the same
+    text as the torch backend; an unknown backend is a one-line CLI error."""
+    def cli(backend):
+        return subprocess.run(
+            [sys.executable, "-m", "engine.generate", "--prompt", "The capital of France is", "--raw",
+             "--max-tokens", "6", "--drafter", "eagle", "--dtype", "float32", "--attention-backend", backend],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+    torch_run, triton_run = cli("torch"), cli("triton")
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert triton_run.returncode == 0, triton_run.stderr
+    assert triton_run.stdout == torch_run.stdout and torch_run.stdout.strip()
+    bad = cli("flash")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "flash" in bad.stderr
+
+
+if __name__ == "__main__":  # the child of tokens_in_child
+    outs, executor = run_engine(*sys.argv[1:4])
+    print(json.dumps({
+        "attention": executor.runner.backend.attention,
+        "tokens": [o.token_ids for o in outs],
+        "drafted": sum(o.seq.stats.drafted for o in outs),
+        "verify_steps": sum(o.seq.stats.verify_steps for o in outs),
+    }))
