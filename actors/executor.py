@@ -6,9 +6,9 @@ rank, STRICT_PACK (all ranks of a replica on one node, so the process group
 talks over the node's loopback / NVLink). Bundle 0 also holds the drafter
 actor's share (actors/drafter.py), so the drafter sits on the shards' node.
 
-Per step: the ``ModelInput`` goes to every rank, every rank runs the forward
-(the collectives inside keep them in lockstep), rank 0's ``ModelOutput`` comes
-back. ``move_kv`` is sent without waiting: Ray runs one caller's calls to an
+Per step: the ``ModelInput`` and ``SamplingInput`` go to every rank, every rank
+runs the forward (the collectives inside keep them in lockstep), rank 0 verifies
+and samples on its device and its ``StepOutput`` comes back. ``move_kv`` is sent without waiting: Ray runs one caller's calls to an
 actor in order, so it lands before the next forward, and any error it raised
 surfaces at the next ``execute``.
 
@@ -27,10 +27,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.shard import TargetShard, pack_input, pack_tensor, unpack_output
+from actors.shard import TargetShard, pack_step, pack_tensor, unpack_output
 from engine.config import EngineConfig, ModelConfig
 from engine.executor import Executor
-from engine.batch import ModelInput, ModelOutput
+from engine.batch import ModelInput, SamplingInput, StepOutput
 from engine.weights import resolve_model
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,15 @@ class RayExecutor(Executor):
     def kv_bytes_per_block(self, block_size: int) -> int:
         return self._call("kv_bytes_per_block", block_size, ranks=[0])[0]
 
+    def profile_kv_blocks(self, mem_util: float, block_size: int, max_rows: int) -> int | None:
+        blocks = self._call("profile_kv_blocks", mem_util, block_size, max_rows)  # all ranks profile at once
+        return None if None in blocks else min(blocks)
+
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self._call("allocate_kv", num_blocks, block_size)
 
-    def execute(self, inp: ModelInput) -> ModelOutput:
-        arg = pack_input(inp)
+    def execute(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
+        arg = pack_step(inp, sampling)
         if self.tp > 1 and not self.failed:
             arg = ray.put(arg)  # one copy shared by all ranks, not one serialisation per rank
         return unpack_output(self._call("execute", arg)[0])

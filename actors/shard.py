@@ -4,8 +4,8 @@ A thin shell around ``engine.runner.ModelRunner``: the rank builds only its slic
 of the model (the parallel layers' weight loaders read only its rows/columns),
 owns its slice of the paged KV cache, and joins the replica's torch.distributed
 group (nccl on GPU, gloo on CPU). Every rank runs every step on the same
-``ModelInput``; rank 0 alone returns the ``ModelOutput`` (logits are gathered to
-the full vocabulary on every rank, so any rank could).
+``ModelInput``; rank 0 alone verifies the draft trees and samples (its logits are gathered
+to the full vocabulary) and returns a ``StepOutput``.
 
 Life cycle, driven by actors/executor.py:
     TargetShard.remote(...)   -> cheap: no model yet
@@ -28,7 +28,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.parallel import TPGroup
-from engine.batch import ModelInput, ModelOutput
+from engine.batch import ModelInput, SamplingInput, StepOutput
 from engine.runner import ModelRunner
 from engine.weights import resolve_model
 
@@ -87,15 +87,24 @@ class TargetShard:
     def kv_bytes_per_block(self, block_size: int) -> int:
         return self.runner.kv_bytes_per_block(block_size)
 
+    def profile_kv_blocks(self, mem_util: float, block_size: int, max_rows: int) -> int | None:
+        return self.runner.profile_kv_blocks(mem_util, block_size, max_rows)
+
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self.runner.allocate_kv(num_blocks, block_size)
 
-    def execute(self, packed: dict) -> tuple | None:
-        """packed: pack_input(ModelInput). Rank 0: pack_output(ModelOutput); others: None."""
+    def execute(self, packed: tuple) -> tuple | None:
+        """packed: pack_step(ModelInput, SamplingInput). Every rank runs the forward; rank 0
+        verifies and samples and returns pack_output(StepOutput), the others None."""
         t0 = time.perf_counter()
-        out = self.runner.execute(unpack_input(packed))
+        inp, sampling = unpack_step(packed)
+        if self.rank == 0:
+            out = pack_output(self.runner.step(inp, sampling))
+        else:
+            self.runner.forward(inp)  # the collectives need every rank; its logits stay here
+            out = None
         self.forward_s.append(time.perf_counter() - t0)
-        return pack_output(out) if self.rank == 0 else None  # the others' copies would only cost transfer
+        return out
 
     def move_kv(self, src_slots: tuple, dst_slots: tuple) -> None:
         """src_slots, dst_slots: pack_tensor([M] int64)."""
@@ -119,10 +128,11 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-# ModelInput / ModelOutput on the wire. Ray pickles a torch tensor through torch.save (a
-# byte copy and ~0.1 ms per tensor), but moves a numpy array zero-copy through the node's
-# shared-memory object store: for a batch's logits ([M, vocab] fp32) that is most of the
-# per-step transfer cost.
+# A step on the wire: the ModelInput and SamplingInput go to every rank, rank 0's
+# StepOutput comes back (accepted rows, next tokens, the drafter's features: KBs, not the
+# [M, vocab] logits). Ray pickles a torch tensor through torch.save (a byte copy and ~0.1
+# ms per tensor) but moves a numpy array zero-copy through the node's shared-memory object
+# store, so tensors travel as numpy.
 
 
 def pack_tensor(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -141,13 +151,25 @@ def unpack_tensor(packed: tuple[np.ndarray, str]) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def pack_output(out: ModelOutput) -> tuple:
-    return pack_tensor(out.logits), pack_tensor(out.hidden)
+def pack_output(out: StepOutput) -> tuple:
+    return out.paths, out.next_tokens, None if out.hidden is None else pack_tensor(out.hidden)
 
 
-def unpack_output(packed: tuple) -> ModelOutput:
-    logits, hidden = packed
-    return ModelOutput(unpack_tensor(logits), unpack_tensor(hidden))
+def unpack_output(packed: tuple) -> StepOutput:
+    paths, next_tokens, hidden = packed
+    return StepOutput(paths, next_tokens, None if hidden is None else unpack_tensor(hidden))
+
+
+def pack_step(inp: ModelInput, sampling: SamplingInput) -> tuple:
+    draft = sampling.draft_probs
+    return (pack_input(inp), sampling.params, pack_tensor(sampling.uniforms),
+            None if draft is None else (pack_tensor(draft[0]), pack_tensor(draft[1])), sampling.hidden)
+
+
+def unpack_step(packed: tuple) -> tuple[ModelInput, SamplingInput]:
+    inp, params, uniforms, draft, hidden = packed
+    draft = None if draft is None else (unpack_tensor(draft[0]), unpack_tensor(draft[1]))
+    return unpack_input(inp), SamplingInput(params, unpack_tensor(uniforms), draft, hidden)
 
 
 def pack_input(inp: ModelInput) -> dict:

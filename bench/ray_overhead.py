@@ -57,9 +57,9 @@ class TimedExecutor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def execute(self, inp):
+    def execute(self, inp, sampling):
         t0 = time.perf_counter()
-        out = self.inner.execute(inp)
+        out = self.inner.execute(inp, sampling)
         self.execute_s.append(time.perf_counter() - t0)
         return out
 

@@ -7,7 +7,8 @@
   prefills, in chunks) run as one C call each (engine/fused.py), longer prefills on the
   ``ModelForward`` beside it, where oneDNN's GEMMs are compute-bound and as fast.
 
-Both return ``ModelOutput`` on the host.
+Both return a ``ModelOutput`` where the forward left it: on the device for ``ModelForward``
+(logits in the model's dtype), on the host for the fused kernel.
 """
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ class ModelForward:
     def forward(self, inp: ModelInput, kv_cache: torch.Tensor) -> ModelOutput:
         ids, positions, logits_indices, meta = upload(inp, self.device, self.attention)
         hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(hidden[logits_indices])
-        return ModelOutput(logits.float().cpu(), hidden.cpu())
+        return ModelOutput(self.model.compute_logits(hidden[logits_indices]), hidden)
 
 
 class FusedCPUForward:

@@ -1,8 +1,11 @@
-"""The tensors one forward consumes and returns.
+"""What one step sends to the target and what comes back.
 
 ``SeqInput`` is one sequence's share of a step; ``build_model_input`` flattens a batch of
-them into a ``ModelInput``, what crosses the executor boundary (to a Ray actor per TP rank
-in actors/); ``ModelOutput`` comes back from rank 0.
+them into a ``ModelInput``. With a ``SamplingInput`` it crosses the executor boundary (to
+a Ray actor per TP rank in actors/); the target verifies and samples on its own device and
+only a ``StepOutput`` comes back (accepted rows, next tokens, the drafter's features).
+``ModelOutput`` is a forward's full output (every logits row, every hidden row), for
+training data, tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from treespec_kernels.tree import batch_ancestor_mask
+from treespec_kernels.tree import batch_tree_mask
 
 
 @dataclass
@@ -50,10 +53,13 @@ class ModelInput:
 
     def tree_mask(self) -> torch.Tensor | None:
         """bool [N, max_query_len] on the host: row i sees the new tokens of its sequence marked
-        True (its tree ancestors and itself); None when causal."""
+        True (its tree ancestors and itself); None when causal. (A device builds the same mask
+        from tree_rows with batch_ancestor_mask; on the host, for a few small trees, Python
+        lists are ~5x faster than its tensor ops.)"""
         if self.tree_parents is None:
             return None
-        return batch_ancestor_mask(*self.tree_rows(), self.max_query_len)
+        qsl, parents = self.query_start_loc, self.tree_parents.tolist()
+        return batch_tree_mask([parents[a:b] for a, b in zip(qsl[:-1], qsl[1:])])
 
 
 @dataclass
@@ -61,6 +67,45 @@ class ModelOutput:
     logits: torch.Tensor  # [M, V] fp32, rows of logits_indices
     hidden: torch.Tensor  # [N, hidden], final hidden state of every row (drafter features)
     argmax: list[int] | None = None  # [M] each logits row's argmax, where the forward gave it
+
+
+@dataclass
+class SamplingInput:
+    """How the target turns one step's logits into tokens (host tensors, beside a ModelInput).
+
+    Each sequence's logits rows (ModelInput.logits_indices, in order) are its tree, shaped by
+    ModelInput.tree_parents (without tree_parents, each sequence has one row: a root). The
+    target walks every tree (engine/verify.py) and draws the token after the accepted path.
+
+    params:    one SamplingParams per sequence (temperature 0: greedy).
+    uniforms:  float32 [M + B] in [0, 1): one per logits row (the acceptance test of that
+               node), then one per sequence (its final draw). Drawn by the engine from each
+               request's generator, so seeded requests repeat on any executor and device.
+    draft_probs: None, or (rows int64 [Q], probs [Q, V]): the distributions the nodes at
+               those logits rows were sampled from; every other node is a point mass.
+    hidden:    which final hidden rows come back: "all" (every row of the forward),
+               "accepted" (the rows of the accepted paths) or "none".
+    """
+
+    params: list
+    uniforms: torch.Tensor
+    draft_probs: tuple[torch.Tensor, torch.Tensor] | None = None
+    hidden: str = "accepted"
+
+
+@dataclass
+class StepOutput:
+    """What the target returns from a step: small ints and the drafter's features.
+
+    paths:       per sequence, the accepted local rows from the root (root included).
+    next_tokens: per sequence, the token drawn after its path (the bonus token).
+    hidden:      None, or [R, hidden]: SamplingInput.hidden "all": every row of the forward;
+                 "accepted": the rows of the paths, sequence by sequence, root first.
+    """
+
+    paths: list[list[int]]
+    next_tokens: list[int]
+    hidden: torch.Tensor | None
 
 
 @dataclass

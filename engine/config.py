@@ -78,6 +78,7 @@ class ModelConfig:
 
 
 DRAFTER_KINDS = ("off", "eagle", "medusa")
+CPU_KV_CACHE_GIB = 0.5  # the KV cache of a CPU replica, where no device memory is measured
 ATTENTION_BACKENDS = ("auto", "torch", "triton")  # engine/attention.py
 
 
@@ -115,6 +116,12 @@ class EngineConfig:
         into the drafter's tree as one more chain; engine/lookup.py); 0 disables it. These
         nodes come on top of tree_budget and cost no drafter forward.
     num_blocks: KV blocks; None sizes the cache from kv_cache_gib.
+    kv_cache_gib: the KV cache's size per rank; None (auto): on a GPU, what
+        gpu_memory_utilization of its memory leaves after the weights and a profiled forward
+        at the largest step (engine/kv_cache.py kv_blocks_for_memory, shared with
+        engine/plan.py); on CPU, CPU_KV_CACHE_GIB.
+    gpu_memory_utilization: the fraction of each GPU the replica may use (weights, one
+        step's activations and the KV cache).
     attention_backend: "auto" (Triton on CUDA; on CPU torch, or the fused C kernel for a
         bf16 model), "torch" or "triton" (on CPU in Triton's interpreter: slow, for tests).
     """
@@ -125,7 +132,8 @@ class EngineConfig:
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_gib: float = 0.5
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
@@ -154,6 +162,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0 (0: all), got {self.draft_vocab_size}")
         if self.draft_min_prob is not None and not 0.0 <= self.draft_min_prob < 1.0:

@@ -17,17 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import CPU_KV_CACHE_GIB, EngineConfig
 from engine.detok import Detokenizer
 from engine.drafters.base import DraftTree
 from engine.executor import Executor
 from engine.kv_cache import BlockAllocator
 from engine.lookup import NgramIndex, merge_chain
-from engine.batch import SeqInput, build_model_input
-from engine.sampling import SamplingParams, sample
+from engine.batch import SamplingInput, SeqInput, build_model_input
+from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.verify import verify_greedy, verify_sampling
 from treespec_kernels.compaction import compaction_slots
 from treespec_kernels.tree import tree_depth_list
 
@@ -84,6 +83,26 @@ ENGINE_API = frozenset({
 })
 
 
+def kv_cache_blocks(config: EngineConfig, executor: Executor) -> int:
+    """The KV cache's blocks: num_blocks if set, else kv_cache_gib's worth, else (auto) what
+    gpu_memory_utilization of each device leaves after the weights and a profiled forward of
+    the largest step (all its rows' logits: max_num_seqs x (1 + tree + lookup) rows, or a
+    full prefill batch), else, where device memory is not measured (CPU), CPU_KV_CACHE_GIB."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    per_block = executor.kv_bytes_per_block(config.block_size)
+    if config.kv_cache_gib is None:
+        rows = max(config.max_num_batched_tokens,
+                   config.max_num_seqs * (1 + (config.tree_budget or 0) + config.lookup_tokens))
+        blocks = executor.profile_kv_blocks(config.gpu_memory_utilization, config.block_size, rows)
+        if blocks is not None:
+            if blocks < 1:
+                raise ValueError(f"no memory left for the KV cache at gpu_memory_utilization="
+                                 f"{config.gpu_memory_utilization}: raise it, or lower max_num_seqs / tree_budget")
+            return blocks
+    return max(1, int((config.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30 // per_block))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor, drafter=None, tokenizer=None):
         """Entry points build engines with ``engine.build.build_engine``, which loads the target,
@@ -98,9 +117,7 @@ class LLMEngine:
         self.executor = executor
         self.model_config = executor.config
         self.tokenizer = tokenizer
-        num_blocks = config.num_blocks or max(
-            1, int(config.kv_cache_gib * 2**30 // executor.kv_bytes_per_block(config.block_size))
-        )
+        num_blocks = kv_cache_blocks(config, executor)
         executor.allocate_kv(num_blocks, config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         # One sequence alone must always fit, or a long generation could wedge the cache.
@@ -239,14 +256,15 @@ class LLMEngine:
             toks = s.tokens[s.num_cached :]
             inputs.append(SeqInput(toks, list(range(s.num_cached, len(s))), s.block_table, s.num_cached))
         inp = build_model_input(inputs, self.config.block_size)
-        out = self.executor.execute(inp)
+        out = self.executor.execute(inp, self._sampling_input(seqs, [1] * len(seqs), None, "all"))
         outputs = []
         for b, s in enumerate(seqs):
             start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
             s.num_cached = len(s)
             try:
-                token = sample(out.logits[b], s.params, s.generator or self.generator)
-                self._call_drafter("on_prefill", s.request_id, s.tokens, out.hidden[start:end], token)
+                token = out.next_tokens[b]
+                if out.hidden is not None:
+                    self._call_drafter("on_prefill", s.request_id, s.tokens, out.hidden[start:end], token)
                 if s.stats.first_token is None:
                     s.stats.first_token = time.perf_counter()
                 outputs.append(self._commit(s, [token]))
@@ -254,6 +272,28 @@ class LLMEngine:
                 outputs.append(self._fail(s, exc))
         self.last_step = StepStats("prefill", len(seqs), len(seqs), 0, 0.0, time.perf_counter() - t0)
         return outputs
+
+    def _sampling_input(self, seqs: list[Sequence], rows: list[int], trees: list[DraftTree | None] | None,
+                        hidden: str) -> SamplingInput:
+        """What the target needs to verify and sample: per-sequence parameters, and for each
+        sampling sequence rows[b] + 1 uniforms from its own generator (greedy ones draw none)."""
+        uniforms = torch.zeros(sum(rows) + len(seqs))
+        start, draft_rows, draft_probs = 0, [], []
+        for b, (s, n) in enumerate(zip(seqs, rows)):
+            if not s.params.greedy:
+                u = torch.rand(n + 1, generator=s.generator or self.generator)
+                uniforms[start:start + n], uniforms[len(uniforms) - len(seqs) + b] = u[:n], u[n]
+            tree = trees[b] if trees is not None else None
+            if tree is not None and tree.draft_probs is not None:
+                for i, q in enumerate(tree.draft_probs):
+                    if q is not None:
+                        draft_rows.append(start + 1 + i)  # node i of the tree is local row i + 1
+                        draft_probs.append(q)
+            start += n
+        draft = (torch.tensor(draft_rows), torch.stack(draft_probs)) if draft_rows else None
+        if not self.drafter_healthy:
+            hidden = "none"
+        return SamplingInput([s.params for s in seqs], uniforms, draft, hidden)
 
     def _decode(self, seqs: list[Sequence], budgets: list[int]) -> list[RequestOutput]:
         t0 = time.perf_counter()
@@ -287,27 +327,19 @@ class LLMEngine:
                 logits_rows=list(range(len(tokens))),
             ))
         inp = build_model_input(inputs, self.config.block_size)
-        out = self.executor.execute(inp)
-        outputs, paths, prefixes, nodes, committed = [], [], [], 0, 0
-        for b, (s, tree, si) in enumerate(zip(seqs, trees, inputs)):
-            start, end = inp.query_start_loc[b], inp.query_start_loc[b + 1]
-            prefix, path = s.num_cached, [0]
+        sampling = self._sampling_input(seqs, [len(si.token_ids) for si in inputs], trees, "accepted")
+        out = self.executor.execute(inp, sampling)
+        outputs, prefixes, nodes, committed, features = [], [], 0, 0, 0
+        paths = out.paths
+        for b, (s, si, path) in enumerate(zip(seqs, inputs, paths)):
+            prefix = s.num_cached
             nodes += len(si.token_ids) - 1
             try:
-                logits = out.logits[start:end]
-                parents = si.tree_parents or [-1]
-                if s.params.greedy:
-                    best = None if out.argmax is None else out.argmax[start:end]
-                    path, bonus = verify_greedy(si.token_ids, parents, logits, best)
-                else:
-                    probs = None
-                    if tree is not None and tree.draft_probs is not None:
-                        probs = [None] + list(tree.draft_probs)
-                    path, bonus = verify_sampling(si.token_ids, parents, logits, s.params,
-                                                  s.generator or self.generator, probs)
+                bonus = out.next_tokens[b]
                 accepted = [si.token_ids[n] for n in path[1:]] + [bonus]
-                self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
-                                   out.hidden[start:end][path], bonus)
+                if out.hidden is not None:
+                    self._call_drafter("on_verified", s.request_id, [si.token_ids[n] for n in path],
+                                       out.hidden[features:features + len(path)], bonus)
                 s.num_cached += len(path)
                 s.stats.verify_steps += 1
                 s.stats.drafted += len(si.token_ids) - 1
@@ -315,9 +347,9 @@ class LLMEngine:
                 s.stats.committed += len(out_.new_token_ids)
                 committed += len(out_.new_token_ids)
             except Exception as exc:  # one request's bug must not end the others (or the engine)
-                path = [0]  # its blocks are freed: nothing of it to compact
+                paths[b] = [0]  # its blocks are freed: nothing of it to compact
                 out_ = self._fail(s, exc)
-            paths.append(path)
+            features += len(path)
             prefixes.append(prefix)
             outputs.append(out_)
         # Compaction: node path[j] was written at num_cached + path[j]; move it to num_cached + j.

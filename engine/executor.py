@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import ModelConfig
-from engine.batch import ModelInput, ModelOutput
+from engine.batch import ModelInput, SamplingInput, StepOutput
 from engine.runner import ModelRunner
 
 
@@ -19,10 +19,17 @@ class Executor:
     def kv_bytes_per_block(self, block_size: int) -> int:
         raise NotImplementedError
 
+    def profile_kv_blocks(self, mem_util: float, block_size: int, max_rows: int) -> int | None:
+        """KV blocks that fit in mem_util of every rank's device after a profiled forward of
+        max_rows rows (ModelRunner.profile_kv_blocks); None where memory is not measured (CPU)."""
+        raise NotImplementedError
+
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         raise NotImplementedError
 
-    def execute(self, inp: ModelInput) -> ModelOutput:
+    def execute(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
+        """One step: the forward, then verification and sampling where the target's tensors
+        are (engine/verify.py); the small result comes back."""
         raise NotImplementedError
 
     def move_kv(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -47,11 +54,14 @@ class InProcessExecutor(Executor):
     def kv_bytes_per_block(self, block_size):
         return self.runner.kv_bytes_per_block(block_size)
 
+    def profile_kv_blocks(self, mem_util, block_size, max_rows):
+        return self.runner.profile_kv_blocks(mem_util, block_size, max_rows)
+
     def allocate_kv(self, num_blocks, block_size):
         self.runner.allocate_kv(num_blocks, block_size)
 
-    def execute(self, inp):
-        return self.runner.execute(inp)
+    def execute(self, inp, sampling):
+        return self.runner.step(inp, sampling)
 
     def move_kv(self, src_slots, dst_slots):
         self.runner.move_kv(src_slots, dst_slots)

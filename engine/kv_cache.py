@@ -8,6 +8,14 @@ the draft tree of the next step, so a step never runs out of memory half-way.
 from __future__ import annotations
 
 
+def kv_blocks_for_memory(total_bytes: int, mem_util: float, used_bytes: int, bytes_per_block: int) -> int:
+    """KV blocks that fit in ``mem_util`` of a device's ``total_bytes`` beside ``used_bytes``
+    (weights, everything else resident, one step's peak activations): the one sizing rule
+    of the runtime (ModelRunner.profile_kv_blocks, measured) and the planner (engine/plan.py,
+    estimated)."""
+    return max(0, int(total_bytes * mem_util) - used_bytes) // bytes_per_block
+
+
 class OutOfBlocks(RuntimeError):
     """Not enough free KV blocks; nothing was allocated. Callers wait or refuse."""
 

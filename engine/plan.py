@@ -9,7 +9,9 @@ shard, KV bytes per block come from ``ModelRunner.kv_bytes_per_block``. Per rank
 
     usable   = gpu_mem * mem_util
     kv       = usable - weights - reserve        (reserve: activations of one step, see below)
-    blocks   = kv // kv_bytes_per_block           (the engine's own sizing rule)
+    blocks   = kv // kv_bytes_per_block           (engine/kv_cache.py kv_blocks_for_memory: the
+                                                  engine's own rule, which measures what the
+                                                  planner estimates)
     per seq  = ceil((context + tree) / block)     (the scheduler reserves tree scratch per sequence)
     max batch = blocks // per seq
 
@@ -29,6 +31,7 @@ import sys
 import torch
 
 from engine.config import ModelConfig
+from engine.kv_cache import kv_blocks_for_memory
 from engine.parallel import TPGroup
 from engine.runner import DTYPES, ModelRunner
 
@@ -124,7 +127,7 @@ def plan(model: str = "default", tp: int = 1, gpu_mem_gib: float = 80.0, dtype: 
         cfg, tp, dtype, rows, workspace_gib)
     usable = int(gpu_mem_gib * GIB * mem_util)
     kv_bytes = max(0, usable - w - buffers - reserve)
-    blocks = kv_bytes // kvb
+    blocks = kv_blocks_for_memory(int(gpu_mem_gib * GIB), mem_util, w + buffers + reserve, kvb)
     per_seq = math.ceil(context / block_size)
     per_seq_tree = math.ceil((context + tree) / block_size)
     max_batch = blocks // per_seq

@@ -8,14 +8,42 @@ from __future__ import annotations
 import torch
 
 from engine.backends import choose_backend
-from engine.batch import ModelInput, ModelOutput
+from engine.batch import ModelInput, ModelOutput, SamplingInput, SeqInput, StepOutput, build_model_input
 from engine.config import ModelConfig
+from engine.kv_cache import kv_blocks_for_memory
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
+from engine.verify import verify_step
 from engine.weights import load_weights
 from treespec_kernels.compaction import copy_slots
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CudaMemory:
+    """A CUDA device's memory as profile_kv_blocks reads it (torch's allocator statistics and
+    the driver's free/total, which also sees the context and other processes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def total(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[1]
+
+    def in_use(self) -> int:
+        """Bytes not free on the device, after returning the allocator's cached blocks."""
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def transient_peak(self) -> int:
+        """Bytes allocated at the peak since reset_peak beyond what is allocated now."""
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
 
 
 class ModelRunner:
@@ -49,11 +77,37 @@ class ModelRunner:
         self.fused = getattr(self.backend, "fused", None)  # the C kernel's packed model, when it runs
         self.block_size = 0
         self.num_blocks = 0
+        self.memory = CudaMemory(self.device) if self.device.type == "cuda" else None  # profile_kv_blocks
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         attn = self.model.layers[0].self_attn
         per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
         return per_token * block_size * len(self.model.layers)
+
+    def profile_kv_blocks(self, mem_util: float, block_size: int, max_rows: int) -> int | None:
+        """How many KV blocks this rank holds in ``mem_util`` of its device: what is resident
+        now (weights, the CUDA context, anything else on the device) plus the transient peak
+        of a forward over ``max_rows`` rows with logits for all of them (the largest verify
+        step), measured by running it on a scratch cache. None where the device's memory is
+        not measured (CPU: the engine then takes ``kv_cache_gib``)."""
+        memory = self.memory
+        if memory is None:
+            return None
+        scratch = -(-max_rows // block_size)
+        self.allocate_kv(scratch, block_size)
+        positions = [i % self.config.max_position_embeddings for i in range(max_rows)]
+        inp = build_model_input([SeqInput([0] * max_rows, positions, list(range(scratch)), 0,
+                                          logits_rows=list(range(max_rows)))], block_size)
+        memory.reset_peak()
+        with torch.inference_mode():
+            logits = self.forward(inp).logits.float()  # verification reads fp32 probabilities
+        del logits
+        transient = memory.transient_peak()
+        self.kv_cache = None
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        resident = memory.in_use()
+        return kv_blocks_for_memory(memory.total(), mem_util, resident + transient, self.kv_bytes_per_block(block_size))
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         """One [num_blocks, block_size, n_kv_local, head_dim] K and V tensor per layer.
@@ -69,8 +123,32 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     @torch.inference_mode()
-    def execute(self, inp: ModelInput) -> ModelOutput:
+    def forward(self, inp: ModelInput) -> ModelOutput:
+        """The forward alone; its output stays where the backend left it."""
         return self.backend.forward(inp, self.kv_cache)
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> ModelOutput:
+        """The forward's full output on the host: fp32 logits of every logits row, every
+        hidden row (training data, tests, benchmarks; a served step calls ``step``)."""
+        out = self.forward(inp)
+        return ModelOutput(out.logits.float().cpu(), out.hidden.cpu(), out.argmax)
+
+    @torch.inference_mode()
+    def step(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
+        """A served step: the forward, then verification and sampling on this device
+        (engine/verify.py); only the paths, the next tokens and the requested hidden rows
+        come to the host."""
+        out = self.forward(inp)
+        paths, next_tokens = verify_step(out.logits, out.argmax, inp, sampling)
+        hidden = None
+        if sampling.hidden == "all":
+            hidden = out.hidden.cpu()
+        elif sampling.hidden == "accepted":
+            starts = inp.logits_indices.tolist() if inp.tree_parents is None else inp.query_start_loc
+            rows = [starts[b] + n for b, path in enumerate(paths) for n in path]
+            hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)].cpu()
+        return StepOutput(paths, next_tokens, hidden)
 
     @torch.inference_mode()
     def move_kv(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:

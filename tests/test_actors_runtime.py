@@ -208,6 +208,76 @@ def test_default_model_matches_in_process(default_reference, tp, speculation):
         replica.shutdown()
 
 
+class WideTreeDrafter(DrafterBase):
+    """60-node trees: the known greedy continuation as a chain of 3, and 57 decoys below it."""
+
+    kind = "eagle"
+
+    def __init__(self, references: list[list[int]], nodes: int = 60, chain: int = 3):
+        self.references, self.nodes, self.chain = references, nodes, chain
+        self.tokens: dict[str, list[int]] = {}
+
+    def on_prefill(self, request_id, token_ids, hidden, next_token):
+        self.tokens[request_id] = list(token_ids) + [next_token]
+
+    def on_verified(self, request_id, accepted, hidden, next_token):
+        self.tokens[request_id] += list(accepted[1:]) + [next_token]
+
+    def release(self, request_id):
+        self.tokens.pop(request_id, None)
+
+    def propose(self, request_ids, budgets):
+        trees = []
+        for rid in request_ids:
+            seq = self.tokens[rid]
+            ref = next((r for r in self.references if r[: len(seq)] == seq), seq)
+            chain = (ref[len(seq): len(seq) + self.chain] + [7] * self.chain)[: self.chain]
+            decoys = self.nodes - self.chain
+            tokens = chain + [(100 + i) % 997 for i in range(decoys)]
+            parents = list(range(-1, self.chain - 1)) + [i % self.chain for i in range(decoys)]
+            trees.append(DraftTree(tokens, parents))
+        return trees
+
+
+def test_step_sends_back_kilobytes_not_logits(default_reference):
+    """What crosses the shard-to-replica boundary per decode step (default model, tp=1 on the
+    Ray executor, 60-node trees, batch 4): the accepted rows' hidden states and a few ints,
+    bounded by accepted rows x hidden x itemsize + 2 KB, not the [rows, vocab] logits."""
+    import pickle
+
+    model_dir, prompts, expected = default_reference
+    sizes = []  # (bytes returned, accepted rows, forward rows) per decode step
+
+    class MeasuredExecutor(RayExecutor):
+        def _call(self, method, *args, **kw):
+            values = super()._call(method, *args, **kw)
+            if method == "execute" and args and args[0] is not None:
+                packed = values[0]
+                rows = sum(len(p) for p in packed[0])
+                sizes.append((len(pickle.dumps(packed, protocol=5)), rows, len(args[0][0]["input_ids"][0])))
+            return values
+
+    config = EngineConfig(num_blocks=160, tree_budget=60, lookup_tokens=0, max_num_batched_tokens=512,
+                          dtype="float32", draft_min_prob=0.0, draft_vocab_size=0)
+    executor = MeasuredExecutor(config, **SMALL)
+    try:
+        refs = [p + o for p, o in zip(prompts, expected)]
+        engine = LLMEngine(config, executor, WideTreeDrafter(refs))
+        outs = engine.generate(prompts * 2, GREEDY)
+        assert [o.token_ids for o in outs] == expected * 2
+    finally:
+        executor.shutdown()
+    hidden_bytes = executor.config.hidden_size * 4
+    decode = [(b, a, n) for b, a, n in sizes if n == 4 * 61]
+    assert len(decode) >= 2
+    for returned, accepted, rows in decode:
+        assert returned <= accepted * hidden_bytes + 2048, (returned, accepted)
+    worst = max(decode)
+    print(f"\nbytes back per decode step: {worst[0]} ({worst[1]} accepted rows); the forward's "
+          f"fp32 logits alone would be {worst[2] * executor.config.vocab_size * 4}")
+    assert max(a for _, a, _ in decode) > 8  # the chains were accepted: rows were really sent back
+
+
 def test_tiny_model_tp2_matches_in_process(tiny):
     path, prompts, params, expected, _ = tiny
     config = tiny_config(path, tp=2, tree_budget=0)
@@ -237,17 +307,23 @@ def test_tiny_model_tp2_with_drafter_actor(tiny):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wire_format_round_trip(dtype):
-    from engine.batch import ModelOutput, SeqInput, build_model_input
-    from actors.shard import pack_input, pack_output, unpack_input, unpack_output
+    from engine.batch import SamplingInput, SeqInput, StepOutput, build_model_input
+    from actors.shard import pack_output, pack_step, unpack_output, unpack_step
 
     inp = build_model_input([SeqInput([1, 2, 3], [4, 5, 5], [7], 4, tree_parents=[-1, 0, 0]),
                              SeqInput([9], [2], [3], 2)], 16)
-    back = unpack_input(ray.cloudpickle.loads(ray.cloudpickle.dumps(pack_input(inp))))
+    sampling = SamplingInput([SamplingParams(temperature=0.5, seed=3), SamplingParams()], torch.rand(6),
+                             (torch.tensor([1]), torch.rand(1, 11).to(dtype)), "all")
+    back_inp, back = unpack_step(ray.cloudpickle.loads(ray.cloudpickle.dumps(pack_step(inp, sampling))))
     for k, v in vars(inp).items():
-        assert torch.equal(v, getattr(back, k)) if isinstance(v, torch.Tensor) else v == getattr(back, k)
-    out = ModelOutput(torch.randn(2, 11), torch.randn(4, 8).to(dtype))
-    back = unpack_output(pack_output(out))
-    assert back.hidden.dtype == dtype and torch.equal(back.hidden, out.hidden) and torch.equal(back.logits, out.logits)
+        assert torch.equal(v, getattr(back_inp, k)) if isinstance(v, torch.Tensor) else v == getattr(back_inp, k)
+    assert back.params == sampling.params and torch.equal(back.uniforms, sampling.uniforms)
+    assert back.hidden == "all" and torch.equal(back.draft_probs[1], sampling.draft_probs[1])
+    for hidden in (torch.randn(4, 8).to(dtype), None):
+        out = StepOutput([[0, 2], [0]], [5, 6], hidden)
+        back = unpack_output(ray.cloudpickle.loads(ray.cloudpickle.dumps(pack_output(out))))
+        assert back.paths == out.paths and back.next_tokens == out.next_tokens
+        assert hidden is None and back.hidden is None or back.hidden.dtype == dtype and torch.equal(back.hidden, hidden)
     from actors.drafter import _pack_tree, _unpack_tree
 
     tree = DraftTree([3, 4], [-1, 0], [torch.rand(7).to(dtype), None])

@@ -75,6 +75,65 @@ def test_random_config_sharded_matches_each_rank(tmp_path, tp):
         assert p["params"] == full
 
 
+class StandInMemory:
+    """A device's memory as ModelRunner.profile_kv_blocks reads it, with fixed figures: a CPU
+    has no device memory to measure (on CUDA, engine.runner.CudaMemory reads the driver and
+    the allocator). The forward it brackets is the real one."""
+
+    def __init__(self, total: int, resident: int, transient: int):
+        self.figures = (total, resident, transient)
+        self.calls: list[str] = []
+
+    def total(self):
+        return self.figures[0]
+
+    def in_use(self):
+        self.calls.append("in_use")
+        return self.figures[1]
+
+    def reset_peak(self):
+        self.calls.append("reset_peak")
+
+    def transient_peak(self):
+        self.calls.append("transient_peak")
+        return self.figures[2]
+
+
+def test_profiled_kv_cache_equals_the_plan(tmp_path):
+    """kv_cache_gib unset: the engine sizes its cache from device memory after a profiled
+    forward of its largest step, by the planner's own rule (kv_blocks_for_memory). Fed the
+    planner's estimate as the measurement, the engine allocates exactly the planner's blocks."""
+    from conftest import random_llama_dir
+    from engine.engine import LLMEngine
+    from engine.executor import InProcessExecutor
+
+    d = random_llama_dir(str(tmp_path / "m"), layers=2)
+    p = plan(d, tp=1, dtype="float32", gpu_mem_gib=0.25, batch=2, tree=8, context=256, mem_util=0.5,
+             reserve_gib=0.01)
+    executor = InProcessExecutor(d, "float32")
+    rows = []
+    forward = executor.runner.forward
+    executor.runner.forward = lambda inp: rows.append(len(inp.input_ids)) or forward(inp)
+    executor.runner.memory = memory = StandInMemory(
+        int(0.25 * GIB), p["weight_bytes_per_shard"] + p["buffer_bytes_per_shard"], p["activation_reserve_bytes"])
+    config = EngineConfig(model=d, dtype="float32", max_num_seqs=2, tree_budget=8, lookup_tokens=0,
+                          max_num_batched_tokens=16, gpu_memory_utilization=0.5, drafter="off")
+    engine = LLMEngine(config, executor)
+    assert engine.allocator.num_blocks == p["kv_blocks"] > 0
+    assert rows == [2 * (1 + 8)]  # the largest verify step, every row's logits
+    assert memory.calls == ["reset_peak", "transient_peak", "in_use"]
+    assert executor.runner.kv_cache.shape[2] == p["kv_blocks"]
+
+    executor.runner.memory = StandInMemory(int(0.25 * GIB), int(0.2 * GIB), 0)  # 0.2 GiB taken of 0.125
+    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+        LLMEngine(config, executor)
+    executor.runner.memory = None  # where device memory is not measured (CPU): CPU_KV_CACHE_GIB
+    from engine.config import CPU_KV_CACHE_GIB
+
+    engine = LLMEngine(config, executor)
+    assert engine.allocator.num_blocks == int(CPU_KV_CACHE_GIB * GIB // p["kv_bytes_per_block"])
+
+
 def test_batch_limits_follow_blocks():
     p = plan("llama-3-8b", tp=1, gpu_mem_gib=80, batch=8, tree=64, context=2048, reserve_gib=4)
     usable = int(80 * GIB * 0.9)

@@ -8,7 +8,6 @@ tree, Medusa per-step tree) and a chi-square test compares the counts.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +18,11 @@ from engine.config import EngineConfig
 from engine.drafters.loading import load_drafter
 from engine.engine import LLMEngine
 from engine.executor import InProcessExecutor
-from engine.sampling import SamplingParams
-from engine.verify import verify_sampling
+from engine.batch import SamplingInput, SeqInput, build_model_input
+from engine.sampling import SamplingParams, inverse_cdf
+from engine.verify import verify_step
+from treespec_kernels.tree import tree_depth_list
+from verify_reference import verify_sampling
 
 V = 6
 PROMPT = [1, 4, 2, 5]
@@ -162,49 +164,75 @@ def draw_tree(q_root, rng: torch.Generator, sampled: bool):
     return kids, probs
 
 
-def buggy_accept_with_p(tokens, parents, logits, params, gen, draft_probs):
+def engine_verifier(cases):
+    """engine/verify.py's batched walk on every case at once (one tree per sequence).
+    cases: (tokens, parents, logits, params, uniforms [T + 1], draft_probs) per tree."""
+    seqs, rows, qs, start = [], [], [], 0
+    for tokens, parents, _, _, _, probs in cases:
+        seqs.append(SeqInput(tokens, tree_depth_list(parents), [0], 0, tree_parents=parents,
+                             logits_rows=list(range(len(tokens)))))
+        rows += [start + i for i, q in enumerate(probs) if q is not None]
+        qs += [q for q in probs if q is not None]
+        start += len(tokens)
+    uniforms = torch.cat([c[4][:-1] for c in cases] + [torch.stack([c[4][-1] for c in cases])])
+    draft = (torch.tensor(rows), torch.stack(qs)) if rows else None
+    paths, next_tokens = verify_step(torch.cat([c[2] for c in cases]), None, build_model_input(seqs, 16),
+                                     SamplingInput([c[3] for c in cases], uniforms, draft))
+    return list(zip(paths, next_tokens))
+
+
+def one_by_one(verify):
+    """A verifier of one tree as a verifier of many."""
+    return lambda cases: [verify(*case) for case in cases]
+
+
+def buggy_accept_with_p(tokens, parents, logits, params, uniforms, draft_probs):
     """Bug 1: accept a sampled draft with probability p(x) instead of min(1, p(x)/q(x))."""
     probs = torch.softmax(logits / params.temperature, -1)
     p = probs[0].clone()
     for c in (1, 2, 3):
         x = tokens[c]
-        if torch.rand((), generator=gen) < p[x]:
-            return [0, c], int(torch.multinomial(probs[c], 1, generator=gen))
+        if uniforms[c] < p[x]:
+            return [0, c], int(inverse_cdf(probs[c][None], uniforms[-1:])[0])
         p = torch.clamp(p - draft_probs[c], min=0)
         p = p / p.sum()
-    return [0], int(torch.multinomial(p, 1, generator=gen))
+    return [0], int(inverse_cdf(p[None], uniforms[-1:])[0])
 
 
-def buggy_keep_rejected_mass(tokens, parents, logits, params, gen, draft_probs):
+def buggy_keep_rejected_mass(tokens, parents, logits, params, uniforms, draft_probs):
     """Bug 2: after rejecting, sample from the untouched target instead of the residual."""
     probs = torch.softmax(logits / params.temperature, -1)
     for c in (1, 2, 3):
         x = tokens[c]
         q = draft_probs[c]
-        if torch.rand((), generator=gen) < min(1.0, (probs[0][x] / q[x]).item()):
-            return [0, c], int(torch.multinomial(probs[c], 1, generator=gen))
-    return [0], int(torch.multinomial(probs[0], 1, generator=gen))
+        if uniforms[c] < min(1.0, (probs[0][x] / q[x]).item()):
+            return [0, c], int(inverse_cdf(probs[c][None], uniforms[-1:])[0])
+    return [0], int(inverse_cdf(probs[0][None], uniforms[-1:])[0])
 
 
-def buggy_bonus_from_root(tokens, parents, logits, params, gen, draft_probs):
+def buggy_bonus_from_root(cases):
     """Bug 3: the bonus token after an accepted child comes from the root's distribution."""
-    path, nxt = verify_sampling(tokens, parents, logits, params, gen, draft_probs)
-    if len(path) > 1:
-        nxt = int(torch.multinomial(torch.softmax(logits[0], -1), 1, generator=gen))
-    return path, nxt
+    results = []
+    for (tokens, parents, logits, params, uniforms, probs), (path, nxt) in zip(cases, engine_verifier(cases)):
+        if len(path) > 1:
+            nxt = int(inverse_cdf(torch.softmax(logits[0], -1)[None], uniforms[-1:])[0])
+        results.append((path, nxt))
+    return results
 
 
 def two_token_counts(verify, sampled: bool, n: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+    """verify: a verifier of many trees (engine_verifier, or one_by_one(a verifier of one))."""
     logits, q_root = tree_case()
     params = SamplingParams(temperature=1.0)
     rng = torch.Generator().manual_seed(1)
-    counts = np.zeros(25)
+    cases = []
     for _ in range(n):
         kids, probs = draw_tree(q_root, rng, sampled)
-        tokens, parents = [0] + kids, [-1, 0, 0, 0]
         # Rows 1..3 hold the target's distribution after each child: use a per-token table.
         table = torch.cat([logits[0:1], logits[1:4][torch.tensor(kids) % 3]])
-        path, nxt = verify(tokens, parents, table, params, rng, [None] + probs)
+        cases.append(([0] + kids, [-1, 0, 0, 0], table, params, torch.rand(5, generator=rng), [None] + probs))
+    counts = np.zeros(25)
+    for (tokens, *_), (path, nxt) in zip(cases, verify(cases)):
         first = tokens[path[1]] if len(path) > 1 else nxt
         second = nxt if len(path) > 1 else int(torch.multinomial(torch.softmax(logits[1 + first % 3], -1), 1,
                                                                  generator=rng))
@@ -214,13 +242,15 @@ def two_token_counts(verify, sampled: bool, n: int = 20_000) -> tuple[np.ndarray
     return counts, exact
 
 
+@pytest.mark.parametrize("verify", [engine_verifier, one_by_one(verify_sampling)], ids=["engine", "reference"])
 @pytest.mark.parametrize("sampled", [True, False])
-def test_verifier_is_lossless(sampled):
-    counts, exact = two_token_counts(verify_sampling, sampled)
+def test_verifier_is_lossless(verify, sampled):
+    counts, exact = two_token_counts(verify, sampled)
     assert chi2_pvalue(counts, exact) > 0.001
 
 
-@pytest.mark.parametrize("bug", [buggy_accept_with_p, buggy_keep_rejected_mass, buggy_bonus_from_root])
+@pytest.mark.parametrize("bug", [one_by_one(buggy_accept_with_p), one_by_one(buggy_keep_rejected_mass),
+                                 buggy_bonus_from_root], ids=["accept_with_p", "keep_rejected_mass", "bonus_from_root"])
 def test_statistics_catch_classic_bugs(bug):
     counts, exact = two_token_counts(bug, sampled=True)
     assert chi2_pvalue(counts, exact) < 0.001
