@@ -18,6 +18,7 @@ drafter never sees a request id it has no state for.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -27,7 +28,7 @@ import ray
 import torch
 
 from actors.executor import brief
-from actors.shard import pack_tensor, unpack_tensor
+from actors.shard import local_device, pack_tensor, unpack_tensor
 from engine.config import EngineConfig
 from engine.drafters.base import Drafter as DrafterBase
 from engine.drafters.base import DraftTree
@@ -197,6 +198,7 @@ def build_engine_drafter(config: EngineConfig) -> DrafterBase:
     from engine.drafters.loading import load_drafter
     from engine.weights import resolve_model
 
+    config = dataclasses.replace(config, device=local_device(config.device))  # this actor's own GPU, if any
     return load_drafter(config, resolve_model(config.model), executor=None, seed=config.seed)
 
 

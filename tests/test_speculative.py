@@ -192,3 +192,31 @@ def test_eagle_search_of_a_batch_equals_one_request_at_a_time(executor, default_
             for d in (batched, alone):
                 d.on_verified(rid, toks[:n], feats, toks[n])
     assert [len(t) for t in batched.propose(["r0", "gone"], [0, 5])] == [0, 0]  # no budget, unknown request
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_drafter_lives_beside_the_target_tensors(tmp_path, kind):
+    """A drafter built for a target follows the device of the target's shared embedding and
+    lm_head (on a GPU, the target's device). This machine has no second device, so the target
+    here is a stand-in whose tensors are on the meta device: every parameter and buffer of the
+    drafter, its head and its embedding must be there too, not on the CPU."""
+    from conftest import random_llama_dir
+    from engine.config import ModelConfig
+
+    d = random_llama_dir(str(tmp_path / "m"), layers=1)
+    cfg = ModelConfig.from_path(d)
+
+    class MetaTarget:
+        dtype = "float32"
+
+        def embed_and_head(self):
+            return (torch.empty(cfg.vocab_size, cfg.hidden_size, device="meta"),
+                    torch.empty(cfg.vocab_size, cfg.hidden_size, device="meta"))
+
+    drafter = load_drafter(EngineConfig(model=d, drafter=kind, draft_path="random", dtype="float32",
+                                        tree_budget=4, draft_vocab_size=0), d, MetaTarget())
+    tensors = [*drafter.model.parameters(), *drafter.model.buffers(), *drafter.head.buffers()]
+    if kind == "eagle":
+        tensors.append(drafter.embed_weight)
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
+    assert drafter.fused is None  # the fused C drafters are for CPU tensors only

@@ -196,7 +196,7 @@ class EagleDrafter(Drafter):
     # -------------------------------------------------------------- drafting
 
     def _embed(self, tokens) -> torch.Tensor:
-        return F.embedding(torch.as_tensor(tokens, dtype=torch.long), self.embed_weight)
+        return F.embedding(torch.as_tensor(tokens, dtype=torch.long, device=self.embed_weight.device), self.embed_weight)
 
     def _catch_up(self, sts: list[_State]) -> tuple:
         """Run every request's pending (feature, token) pairs through the drafter, causally,

@@ -99,6 +99,9 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
     dtype = DTYPES[cfg.dtype]
     shared = executor.embed_and_head() if executor is not None else None
     embed, lm_head = shared if shared is not None else target_embed_and_head(model_dir, dtype)
+    # The drafter lives where the target's tensors are: beside the shared embedding in process,
+    # else on the configured device (a drafter actor reads its own copy of the weights).
+    device = embed.device if shared is not None else torch.device(cfg.device)
     target = ModelConfig.from_path(model_dir)
     path = resolve_draft_path(cfg)
     if path == RANDOM:
@@ -120,18 +123,18 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         else:
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    head = DraftHead(lm_head.detach().to(dtype), state_ids)
-    if cfg.device == "cpu":
+    model = model.to(device)
+    head = DraftHead(lm_head.detach().to(device, dtype), state_ids).to(device)
+    cpu = device.type == "cpu"
+    if cpu:
         pack_cpu_weights(model)  # bf16 only: drafting reads ~20 MB per depth, packed ~1.5x faster
         pack_cpu_weights(head)
     if cfg.drafter == "eagle":
         # bf16 on a CPU the fused kernel runs on (AVX512-BF16, or AVX2 + FMA:
         # treespec_kernels/cpu_fused.py): a whole draft step is one C call (engine/fused.py).
-        embed = embed.detach().to(dtype)
-        fused = (FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8, embed=embed)
-                 if cfg.device == "cpu" else None)
+        embed = embed.detach().to(device, dtype)
+        fused = FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8, embed=embed) if cpu else None
         return EagleDrafter(model, embed, head, cfg.draft_top_k, cfg.draft_depth,
                             cfg.draft_min_prob, fused=fused)
-    fused = (FusedMedusa.for_medusa(model, head.weight, int8=cfg.draft_int8)
-             if cfg.device == "cpu" else None)
+    fused = FusedMedusa.for_medusa(model, head.weight, int8=cfg.draft_int8) if cpu else None
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1), fused=fused)

@@ -125,7 +125,7 @@ class MedusaDrafter(Drafter):
             if self.fused is not None:  # blocks and head in one C call
                 logits = self.fused.run(h.unsqueeze(0))[1]  # [K, Vd]
             else:
-                logits = self.head.logits(self.model(h.to(self.head.weight.dtype).unsqueeze(0))[:, 0]).float()
+                logits = self.head.logits(self.model(h.to(self.head.weight).unsqueeze(0))[:, 0]).float()
             if self.dynamic:
                 k = min(budget, MAX_WIDTH, self.head.weight.shape[0])  # a tiny vocabulary caps the width
                 logp, cand = self.head.topk_lists(logits, k)  # [K][k]
