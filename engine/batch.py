@@ -100,7 +100,8 @@ class StepOutput:
     paths:       per sequence, the accepted local rows from the root (root included).
     next_tokens: per sequence, the token drawn after its path (the bonus token).
     hidden:      None, or [R, hidden]: SamplingInput.hidden "all": every row of the forward;
-                 "accepted": the rows of the paths, sequence by sequence, root first.
+                 "accepted": the rows of the paths, sequence by sequence, root first. On the
+                 target's device in process; on the host from a remote shard.
     """
 
     paths: list[list[int]]

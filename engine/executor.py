@@ -61,7 +61,7 @@ class InProcessExecutor(Executor):
         self.runner.allocate_kv(num_blocks, block_size)
 
     def execute(self, inp, sampling):
-        return self.runner.step(inp, sampling)
+        return self.runner.step(inp, sampling, hidden_to_host=False)  # the drafter is in this process
 
     def move_kv(self, src_slots, dst_slots):
         self.runner.move_kv(src_slots, dst_slots)

@@ -135,19 +135,22 @@ class ModelRunner:
         return ModelOutput(out.logits.float().cpu(), out.hidden.cpu(), out.argmax)
 
     @torch.inference_mode()
-    def step(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
+    def step(self, inp: ModelInput, sampling: SamplingInput, hidden_to_host: bool = True) -> StepOutput:
         """A served step: the forward, then verification and sampling on this device
-        (engine/verify.py); only the paths, the next tokens and the requested hidden rows
-        come to the host."""
+        (engine/verify.py); only the paths and the next tokens come to the host, and the
+        requested hidden rows: to the host for a remote replica (hidden_to_host), else left on
+        this device for a drafter beside it (the in-process executor)."""
         out = self.forward(inp)
         paths, next_tokens = verify_step(out.logits, out.argmax, inp, sampling)
         hidden = None
         if sampling.hidden == "all":
-            hidden = out.hidden.cpu()
+            hidden = out.hidden
         elif sampling.hidden == "accepted":
             starts = inp.logits_indices.tolist() if inp.tree_parents is None else inp.query_start_loc
             rows = [starts[b] + n for b, path in enumerate(paths) for n in path]
-            hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)].cpu()
+            hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)]
+        if hidden is not None and hidden_to_host:
+            hidden = hidden.cpu()
         return StepOutput(paths, next_tokens, hidden)
 
     @torch.inference_mode()

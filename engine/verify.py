@@ -70,7 +70,6 @@ class TreeBatch:
         sib = torch.zeros(self.depth + 1, dtype=torch.long)
         sib.scatter_reduce_(0, node_depth[child] - 1, rank[child] + 1, "amax")
         self.siblings = sib.tolist()
-        self.valid = valid
         self.rows, self.par, self.tok, self.rank = torch.stack([rows, par, tok, rank]).to(device).unbind(0)
 
 
