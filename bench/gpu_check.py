@@ -4,6 +4,9 @@
     bash bench/gpu_check.sh --dry-run       # the same code on CPU with tiny shapes (CI runs it)
 
 Checks (each reports ok; one failing does not stop the others):
+- kernels: the Triton attention (bf16, tree and causal masks) against the fp32 torch reference
+  and the Triton KV compaction against the torch one (bench/gpu_tree_attention.py), and tree
+  vs causal attention at equal tokens (64 rows x 8 sequences at 2048 and 8192 tokens of context);
 - engine_equality: a small random Llama through the engine on the device (Triton attention,
   verification on the device): speculative decoding, with a drafter that drafts the plain
   continuation among decoys, gives plain decoding's tokens at T=0, in float32 and bfloat16.
@@ -87,6 +90,19 @@ class ContinuationDrafter(Drafter):
                 parent = len(tokens) - 1
             trees.append(DraftTree(tokens, parents))
         return trees
+
+
+def kernels(device: str) -> dict:
+    if device == "cpu":
+        return {"ok": True, "skipped": "the CPU test suite runs the kernels in Triton's interpreter"}
+    import gpu_tree_attention as kernel_bench
+
+    out = {"tests": os.environ.get("KERNEL_TESTS", "not run"),  # bench/gpu_check.sh runs them first
+           **kernel_bench.check_attention(), **kernel_bench.check_compaction()}
+    out["tree_vs_causal"] = {f"{prefix}+{tree}": kernel_bench.time_case(prefix, tree).get("tree_vs_causal")
+                             for prefix, tree in ((2048, 64), (8192, 64))}
+    out["ok"] = bool(out["attention_ok"] and out["compaction_ok"] and out["tests"] != "failed")
+    return out
 
 
 def engine_equality(device: str, dtypes: list[str], workdir: str) -> dict:
@@ -241,7 +257,8 @@ def main() -> int:
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as workdir:
-        checks = [("engine_equality", lambda: engine_equality(device, dtypes, workdir)),
+        checks = [("kernels", lambda: kernels(device)),
+                  ("engine_equality", lambda: engine_equality(device, dtypes, workdir)),
                   ("drafter_placement", lambda: drafter_placement(device, workdir)),
                   ("kv_profile", lambda: kv_profile(device, model, workdir)),
                   ("figures", lambda: figures(device, model, batches, new_tokens))]

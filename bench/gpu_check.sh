@@ -18,4 +18,14 @@ if [ -z "$PY" ]; then
         if [ "$arg" = "--dry-run" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
     done
 fi
-exec timeout 480 "$PY" bench/gpu_check.py "$@"
+case " $* " in
+    *" --dry-run "*) ;;
+    *)  # the kernel test suite compiled on the GPU (the CPU runs it in Triton's interpreter)
+        KERNEL_TESTS="not run (no pytest)"
+        if "$PY" -c "import pytest" >/dev/null 2>&1; then
+            if timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree.py \
+                tests/test_kernels_attention.py >&2; then KERNEL_TESTS=passed; else KERNEL_TESTS=failed; fi
+        fi
+        export KERNEL_TESTS ;;
+esac
+exec timeout 420 "$PY" bench/gpu_check.py "$@"
