@@ -4,7 +4,9 @@ Data flow of one engine step (SGLang-style naming, so a reader knows which objec
 crosses which boundary):
 
     Request -> Sequence (scheduler.py) -> StepBatch (scheduler.py)
-            -> ModelInput (runner.py, tensors) -> executor -> StepOutput (tokens)
+            -> ModelInput + SamplingInput (batch.py, host tensors) -> executor
+            -> forward + verification on the target's device (runner.py, verify.py)
+            -> StepOutput (accepted paths, next tokens, the drafter's features)
 
 Nothing in this package imports ray; actors/ wraps these objects.
 """
