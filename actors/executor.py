@@ -8,9 +8,9 @@ actor's share (actors/drafter.py), so the drafter sits on the shards' node.
 
 Per step: the ``ModelInput`` and ``SamplingInput`` go to every rank, every rank
 runs the forward (the collectives inside keep them in lockstep), rank 0 verifies
-and samples on its device and its ``StepOutput`` comes back. ``move_kv`` is sent without waiting: Ray runs one caller's calls to an
-actor in order, so it lands before the next forward, and any error it raised
-surfaces at the next ``execute``.
+and samples on its device and its ``StepOutput`` comes back. ``move_kv`` is sent
+without waiting: Ray runs one caller's calls to an actor in order, so it lands
+before the next forward, and any error it raised surfaces at the next ``execute``.
 
 Every wait is bounded. A dead or stuck rank turns into ``ShardFailure`` from
 ``execute``/``allocate_kv``; the executor is then unusable and the owner

@@ -95,9 +95,7 @@ def upload(inp, device: torch.device, backend: str) -> tuple[torch.Tensor, torch
                                                               AttentionMetadata]:
     """inp: engine.batch.ModelInput (host). Returns (input_ids [N], positions [N],
     logits_indices [M], AttentionMetadata), all on ``device``."""
-    n, batch = len(inp.input_ids), len(inp.context_lens)
-    qsl = list(inp.query_start_loc)
-    max_q = max(b - a for a, b in zip(qsl[:-1], qsl[1:]))
+    batch, qsl, max_q = len(inp.context_lens), list(inp.query_start_loc), inp.max_query_len
     parts = [inp.input_ids, inp.positions, inp.slot_mapping, inp.logits_indices,
              torch.tensor(inp.context_lens + qsl, dtype=torch.long), inp.block_tables.flatten().long()]
     if inp.tree_parents is not None:
@@ -115,7 +113,6 @@ def upload(inp, device: torch.device, backend: str) -> tuple[torch.Tensor, torch
         pack_mask(mask) if mask is not None and backend == "triton" else None,
         triton_attention(device) if backend == "triton" else None,
     )
-    assert len(ids) == n
     return ids, pos, logits_idx, meta
 
 

@@ -17,8 +17,8 @@ import itertools
 import torch
 
 from engine.attention import resolve_attention_backend, upload
-from engine.fused import FusedModel
 from engine.batch import ModelInput, ModelOutput
+from engine.fused import FusedModel
 
 
 class ModelForward:

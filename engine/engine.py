@@ -277,12 +277,13 @@ class LLMEngine:
                         hidden: str) -> SamplingInput:
         """What the target needs to verify and sample: per-sequence parameters, and for each
         sampling sequence rows[b] + 1 uniforms from its own generator (greedy ones draw none)."""
-        uniforms = torch.zeros(sum(rows) + len(seqs))
+        m = sum(rows)
+        uniforms = torch.zeros(m + len(seqs))  # [rows' tests, then each sequence's final draw]
         start, draft_rows, draft_probs = 0, [], []
         for b, (s, n) in enumerate(zip(seqs, rows)):
             if not s.params.greedy:
                 u = torch.rand(n + 1, generator=s.generator or self.generator)
-                uniforms[start:start + n], uniforms[len(uniforms) - len(seqs) + b] = u[:n], u[n]
+                uniforms[start:start + n], uniforms[m + b] = u[:n], u[n]
             tree = trees[b] if trees is not None else None
             if tree is not None and tree.draft_probs is not None:
                 for i, q in enumerate(tree.draft_probs):
