@@ -15,6 +15,12 @@ drafter actor up and installs a new proxy with ``LLMEngine.set_drafter``.
 A proxy only asks the actor about requests it saw prefilled; others (requests
 already running when the drafter was replaced) get empty trees, so a fresh
 drafter never sees a request id it has no state for.
+
+Features arrive either as host tensors (sent along with each call) or, with a
+direct transport (actors/executor.py ``connect_drafter``), as ``RemoteFeatures``
+slices of one tensor left on rank 0: the proxy then gathers the step's
+on_prefill/on_verified calls into one ``apply`` call whose argument is that
+tensor's ref, so Ray moves it once, from rank 0 straight into this actor.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import ray
 import torch
 
 from actors.executor import brief
-from actors.shard import local_device, pack_tensor, unpack_tensor
+from actors.shard import RemoteFeatures, local_device, pack_tensor, unpack_tensor
 from engine.config import EngineConfig
 from engine.drafters.base import Drafter as DrafterBase
 from engine.drafters.base import DraftTree
@@ -40,7 +46,7 @@ class DrafterFailure(RuntimeError):
     """The drafter actor died, raised or did not answer in time."""
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+@ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)
 class Drafter:
     """Hosts one engine drafter; its methods mirror engine.drafters.base.Drafter."""
 
@@ -67,6 +73,13 @@ class Drafter:
     def release(self, request_id):
         self.drafter.release(request_id)
 
+    def apply(self, features: torch.Tensor, calls: list[tuple]) -> None:
+        """features: one step's feature rows, received from rank 0 by Ray Direct Transport.
+        calls: (method, request_id, token_ids, start, stop, next_token), in the engine's order;
+        method "on_prefill" or "on_verified" gets features[start:stop]."""
+        for method, request_id, token_ids, start, stop, next_token in calls:
+            getattr(self.drafter, method)(request_id, token_ids, features[start:stop], next_token)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -85,16 +98,22 @@ class RayDrafterProxy(DrafterBase):
         self.failed: str | None = None
         self._pending: list = []
         self._known: set[str] = set()
+        self._batch_ref = None  # the RemoteFeatures ref of the calls gathered in _batch
+        self._batch: list[tuple] = []
 
     # ------------------------------------------------------------------ Drafter
 
     def on_prefill(self, request_id, token_ids, hidden, next_token):
         self._check()
         self._known.add(request_id)
+        if isinstance(hidden, RemoteFeatures):
+            return self._gather("on_prefill", request_id, token_ids, hidden, next_token)
+        self._flush()
         self._send(self.actor.on_prefill.remote(request_id, list(token_ids), pack_tensor(hidden), int(next_token)))
 
     def propose(self, request_ids, budgets):
         self._check()
+        self._flush()
         trees = [DraftTree([], []) for _ in request_ids]
         ask = [i for i, r in enumerate(request_ids) if r in self._known]
         if ask:
@@ -107,12 +126,16 @@ class RayDrafterProxy(DrafterBase):
 
     def on_verified(self, request_id, accepted, hidden, next_token):
         self._check()
-        if request_id in self._known:
-            self._send(self.actor.on_verified.remote(request_id, list(accepted), pack_tensor(hidden),
-                                                     int(next_token)))
+        if request_id not in self._known:
+            return
+        if isinstance(hidden, RemoteFeatures):
+            return self._gather("on_verified", request_id, accepted, hidden, next_token)
+        self._flush()
+        self._send(self.actor.on_verified.remote(request_id, list(accepted), pack_tensor(hidden), int(next_token)))
 
     def release(self, request_id):
         self._check()
+        self._flush()
         if request_id in self._known:
             self._known.discard(request_id)
             self._send(self.actor.release.remote(request_id))
@@ -122,6 +145,19 @@ class RayDrafterProxy(DrafterBase):
     def _check(self):
         if self.failed:
             raise DrafterFailure(self.failed)
+
+    def _gather(self, method: str, request_id: str, token_ids, hidden: RemoteFeatures, next_token: int) -> None:
+        if hidden.ref is not self._batch_ref:
+            self._flush()
+            self._batch_ref = hidden.ref
+        self._batch.append((method, request_id, list(token_ids), hidden.start, hidden.stop, int(next_token)))
+
+    def _flush(self) -> None:
+        """Send the gathered calls as one ``apply`` (before any other call: order matters)."""
+        if self._batch:
+            batch, ref = self._batch, self._batch_ref
+            self._batch, self._batch_ref = [], None
+            self._send(self.actor.apply.remote(ref, batch))
 
     def _send(self, ref) -> None:
         self._pending.append(ref)

@@ -8,7 +8,10 @@ actor's share (actors/drafter.py), so the drafter sits on the shards' node.
 
 Per step: the ``ModelInput`` and ``SamplingInput`` go to every rank, every rank
 runs the forward (the collectives inside keep them in lockstep), rank 0 verifies
-and samples on its device and its ``StepOutput`` comes back. ``move_kv`` is sent
+and samples on its device and its ``StepOutput`` comes back. With a direct feature
+transport the drafter's features are not in it: they stay on rank 0 and the
+drafter actor receives them from there (``connect_drafter``, ``RemoteFeatures``).
+``move_kv`` is sent
 without waiting: Ray runs one caller's calls to an actor in order, so it lands
 before the next forward, and any error it raised surfaces at the next ``execute``.
 
@@ -27,13 +30,23 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.shard import TargetShard, pack_step, pack_tensor, unpack_output
+from actors.shard import RemoteFeatures, TargetShard, pack_step, pack_tensor, unpack_output
+from actors.transport import ray_name
+from actors.transport import register as register_transports
 from engine.config import EngineConfig, ModelConfig
 from engine.executor import Executor
 from engine.batch import ModelInput, SamplingInput, StepOutput
 from engine.weights import resolve_model
 
 log = logging.getLogger(__name__)
+
+# How the drafter's features travel from rank 0 to the drafter actor. "host": in the
+# StepOutput, through this process (Ray inlines small arguments, the object store takes
+# large ones). "shm" / "cuda_ipc": Ray Direct Transport from rank 0 straight into the
+# drafter (actors/transport.py). auto: cuda_ipc on GPU (the drafter reads the rows in place
+# on the GPU it shares with rank 0); host on CPU, where the features are a few KB and the
+# direct transfer's extra task round trips cost more than they save (docs/benchmarks.md).
+FEATURE_TRANSPORTS = ("auto", "host", "shm", "cuda_ipc")
 
 
 class ShardFailure(RuntimeError):
@@ -50,11 +63,12 @@ class RayExecutor(Executor):
     num_threads: torch CPU threads per rank (default: the node's cores / tp).
     step_timeout_s: bound on one forward (and on the process group's collectives).
     start_timeout_s: bound on placing the group and loading the weights.
+    feature_transport: one of FEATURE_TRANSPORTS.
     """
 
     def __init__(self, config: EngineConfig, *, cpus_per_rank: float = 1.0, drafter_cpus: float = 1.0,
                  drafter_gpus: float = 0.1, num_threads: int | None = None, step_timeout_s: float = 120.0,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, feature_transport: str = "auto"):
         self.engine_config = config = config.resolve()
         self.dtype = config.dtype
         self.tp = config.tp
@@ -65,6 +79,8 @@ class RayExecutor(Executor):
         self.shards: list = []
         self._pending: list = []  # unanswered move_kv calls
         self.pg = None
+        self.feature_transport = self._check_transport(feature_transport)
+        self.direct_features = False  # True while a drafter actor receives them from rank 0
         # Fail on a bad model/tp pairing here, with the model's own numbers, not in an actor.
         self.config = ModelConfig.from_path(resolve_model(config.model))
         config.check_model(self.config)
@@ -97,6 +113,28 @@ class RayExecutor(Executor):
         # The group's own timeout is longer than ours: the driver decides when a step has failed.
         self._call("load", address, port, self.step_timeout_s + 30, timeout_s=timeout_s)
         log.info("tp=%d shards ready in %.1fs", self.tp, time.perf_counter() - t0)
+
+    def _check_transport(self, transport: str) -> str:
+        if transport not in FEATURE_TRANSPORTS:
+            raise ValueError(f"feature_transport must be one of {', '.join(FEATURE_TRANSPORTS)}, got {transport!r}")
+        if transport == "auto":
+            transport = "cuda_ipc" if self.gpu else "host"
+        if transport != "host":
+            if (transport == "cuda_ipc") != self.gpu:
+                raise ValueError(f"feature_transport={transport} is for {'GPU' if transport == 'cuda_ipc' else 'CPU'} "
+                                 f"replicas; this one runs on {self.engine_config.device}")
+            register_transports()  # before the actors exist: they learn the transports at creation
+        return transport
+
+    def connect_drafter(self, drafter) -> str:
+        """The features of the next steps go to ``drafter`` (an actor in this replica's
+        placement group) by ``feature_transport``; returns that transport's name."""
+        self.direct_features = self.feature_transport != "host"
+        return self.feature_transport
+
+    def disconnect_drafter(self) -> None:
+        """The drafter is gone: features come back in the StepOutput (if asked for)."""
+        self.direct_features = False
 
     # ------------------------------------------------------------------ waiting
 
@@ -145,7 +183,13 @@ class RayExecutor(Executor):
         arg = pack_step(inp, sampling)
         if self.tp > 1 and not self.failed:
             arg = ray.put(arg)  # one copy shared by all ranks, not one serialisation per rank
-        return unpack_output(self._call("execute", arg)[0])
+        direct = self.direct_features and sampling.hidden != "none"
+        out = unpack_output(self._call("execute", arg, direct)[0])
+        if direct:  # ordered after this execute on rank 0; the drafter actor fetches it from there
+            ref = self.shards[0].features.options(tensor_transport=ray_name(self.feature_transport)).remote()
+            rows = sum(map(len, out.paths)) if sampling.hidden == "accepted" else len(inp.input_ids)
+            out.hidden = RemoteFeatures(ref, 0, rows)
+        return out
 
     def move_kv(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         if self.failed or len(src_slots) == 0:
@@ -163,6 +207,8 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         """Kill the shards and free the placement group (bounded; never raises)."""
         self.failed = self.failed or "the executor was shut down"
+        if self.shards and self.feature_transport == "shm":  # rank 0 frees the rows it still holds
+            ray.wait([self.shards[0].shutdown.remote()], timeout=2.0)
         for s in self.shards:
             try:
                 ray.kill(s, no_restart=True)

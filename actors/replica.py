@@ -79,6 +79,7 @@ class Replica:
         self.counters = {"drafter_failures": 0, "drafter_restores": 0, "shard_failures": 0, "rebuilds": 0}
         self.last_error: str | None = None
         self._drafter = None  # the actor behind the engine's current proxy
+        self.feature_transport = "none"  # how its features travel (RayExecutor.connect_drafter)
         self._restoring = None  # (actor, ready_ref, started) while a new drafter loads
         self._next_restore = 0.0
         self._restore_failures = 0  # in a row; spaces the attempts out exponentially
@@ -185,9 +186,7 @@ class Replica:
         return outputs
 
     def _stop_actors(self) -> None:
-        self.engine.set_drafter(None)
-        kill_drafter(self._drafter)
-        self._drafter = None
+        self._remove_drafter()
         if self._restoring is not None:
             kill_drafter(self._restoring[0])
             self._restoring = None
@@ -225,7 +224,14 @@ class Replica:
 
     def _install_drafter(self, actor, kind: str) -> None:
         self._drafter = actor
+        self.feature_transport = self.engine.executor.connect_drafter(actor)
         self.engine.set_drafter(RayDrafterProxy(actor, kind, self.drafter_timeout_s))
+
+    def _remove_drafter(self) -> None:
+        self.engine.set_drafter(None)
+        self.engine.executor.disconnect_drafter()
+        kill_drafter(self._drafter)
+        self._drafter, self.feature_transport = None, "none"
 
     def _drafter_down(self, reason: str) -> None:
         self.counters["drafter_failures"] += 1
@@ -240,9 +246,7 @@ class Replica:
         """After a step: did the engine just give up on its drafter?"""
         if self._drafter is not None and not self.engine.drafter_healthy:
             proxy = self.engine.drafter
-            kill_drafter(self._drafter)  # dead, stuck or broken: a new one replaces it
-            self._drafter = None
-            self.engine.set_drafter(None)
+            self._remove_drafter()  # dead, stuck or broken: a new one replaces it
             self._drafter_down(getattr(proxy, "failed", None) or "the drafter raised")
 
     def tend_drafter(self) -> None:
@@ -290,6 +294,7 @@ class Replica:
             "tp": self.config.tp,
             "shards": "rebuilding" if self._broken else "ok",
             "drafter": drafter,
+            "feature_transport": self.feature_transport,
             "speculating": load.tree_budget > 0,
             **self.counters,
             "last_error": self.last_error,

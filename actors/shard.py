@@ -12,6 +12,8 @@ Life cycle, driven by actors/executor.py:
     rendezvous()  (rank 0)    -> (address, free port) for the process group
     load(address, port)       -> all ranks at once: join the group, build, load weights
     execute / move_kv / allocate_kv ...
+    features()  (rank 0)      -> the last step's feature rows, sent by Ray Direct Transport
+                                 straight to the drafter actor (actors/drafter.py)
 """
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ import os
 import socket
 import time
 import warnings
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from actors.transport import unlink_segments
 from engine.config import ModelConfig
 from engine.parallel import TPGroup
 from engine.batch import ModelInput, SamplingInput, StepOutput
@@ -55,7 +60,7 @@ def join_group(rank: int, world_size: int, address: str, port: int, device: str,
     )
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+@ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)
 class TargetShard:
     def __init__(self, model: str, dtype: str, device: str, rank: int, world_size: int,
                  num_threads: int | None = None, attention_backend: str = "auto"):
@@ -67,6 +72,7 @@ class TargetShard:
             # Ranks of one replica share the node's cores; oversubscription makes gloo crawl.
             torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
         self.runner: ModelRunner | None = None
+        self.kept_features: torch.Tensor | None = None  # rank 0: the last step's, for features()
         self.forward_s = collections.deque(maxlen=4096)  # recent forward times (orchestration benchmark)
 
     def rendezvous(self) -> tuple[str, int]:
@@ -93,18 +99,32 @@ class TargetShard:
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self.runner.allocate_kv(num_blocks, block_size)
 
-    def execute(self, packed: tuple) -> tuple | None:
+    def execute(self, packed: tuple, keep_features: bool = False) -> tuple | None:
         """packed: pack_step(ModelInput, SamplingInput). Every rank runs the forward; rank 0
-        verifies and samples and returns pack_output(StepOutput), the others None."""
+        verifies and samples and returns pack_output(StepOutput), the others None.
+
+        keep_features: rank 0 keeps the step's feature rows where they are (its device) for
+        ``features()`` and returns the StepOutput without them."""
         t0 = time.perf_counter()
         inp, sampling = unpack_step(packed)
         if self.rank == 0:
-            out = pack_output(self.runner.step(inp, sampling))
+            out = self.runner.step(inp, sampling, hidden_to_host=not keep_features)
+            if keep_features:
+                self.kept_features, out = out.hidden, replace(out, hidden=None)
+            out = pack_output(out)
         else:
             self.runner.forward(inp)  # the collectives need every rank; its logits stay here
             out = None
         self.forward_s.append(time.perf_counter() - t0)
         return out
+
+    def features(self) -> torch.Tensor:
+        """Rank 0: the feature rows [R, H] the last ``execute(keep_features=True)`` kept.
+
+        Called with ``.options(tensor_transport=...)``: the returned ref is handed to the
+        drafter actor, which receives the tensor from this actor directly (gloo send/recv on
+        CPU, a CUDA IPC handle on the GPU both share), never through the object store."""
+        return self.kept_features
 
     def move_kv(self, src_slots: tuple, dst_slots: tuple) -> None:
         """src_slots, dst_slots: pack_tensor([M] int64)."""
@@ -118,6 +138,7 @@ class TargetShard:
         return list(self.forward_s)
 
     def shutdown(self) -> None:
+        unlink_segments()
         leave_group()
 
 
@@ -149,6 +170,30 @@ def unpack_tensor(packed: tuple[np.ndarray, str]) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+@dataclass(frozen=True)
+class RemoteFeatures:
+    """Feature rows [start, stop) of a tensor that stays on rank 0 until the drafter actor
+    fetches it: ``ref`` comes from ``TargetShard.features`` (a Ray Direct Transport object).
+
+    The engine only slices a step's features per sequence (``StepOutput.hidden[a:b]``) and
+    hands the slices to its drafter; slicing this narrows the range and moves nothing. Only
+    ``RayDrafterProxy`` reads it.
+    """
+
+    ref: Any
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, rows: slice) -> "RemoteFeatures":
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise IndexError("RemoteFeatures slices are contiguous row ranges")
+        return RemoteFeatures(self.ref, self.start + start, self.start + max(start, stop))
 
 
 def pack_output(out: StepOutput) -> tuple:

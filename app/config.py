@@ -28,6 +28,7 @@ class AppConfig:
     torch_threads: int | None = None  # None: all cores of the machine (CPU)
     executor: str = "auto"  # local: engine in the replica process; ray: TP shard actors; auto: ray when tp > 1
     cpus_per_rank: float = 1.0  # ray executor: logical CPUs per TP shard actor (and for the drafter actor)
+    feature_transport: str = "auto"  # ray executor: rank 0 -> drafter actor: auto, host, shm, cuda_ipc (actors/executor.py)
     # admission
     max_waiting: int = 32  # requests queued per replica beyond max_num_seqs before 429
     queue_timeout_s: float = 60.0  # a request not admitted (KV memory) within this gets 503
@@ -75,6 +76,11 @@ class AppConfig:
     def validate(self) -> None:
         if self.executor not in ("auto", "local", "ray"):
             raise ValueError(f"executor must be auto, local or ray, got {self.executor!r}")
+        from actors.executor import FEATURE_TRANSPORTS
+
+        if self.feature_transport not in FEATURE_TRANSPORTS:
+            raise ValueError(f"feature_transport must be one of {', '.join(FEATURE_TRANSPORTS)}, "
+                             f"got {self.feature_transport!r}")
         if self.executor == "local" and self.engine.tp > 1:
             raise ValueError("tp > 1 needs executor=ray (the in-process engine does not shard)")
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):

@@ -53,6 +53,7 @@ def build_driver(cfg: AppConfig):
 
         return Replica(cfg.engine, executor_options={"cpus_per_rank": cfg.cpus_per_rank,
                                                      "drafter_cpus": cfg.cpus_per_rank,
+                                                     "feature_transport": cfg.feature_transport,
                                                      "num_threads": cfg.torch_threads})
     from engine.build import build_engine
 

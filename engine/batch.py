@@ -101,7 +101,9 @@ class StepOutput:
     next_tokens: per sequence, the token drawn after its path (the bonus token).
     hidden:      None, or [R, hidden]: SamplingInput.hidden "all": every row of the forward;
                  "accepted": the rows of the paths, sequence by sequence, root first. On the
-                 target's device in process; on the host from a remote shard.
+                 target's device in process; on the host from a remote shard; or a handle
+                 to rows left on the shard for a drafter actor (actors/shard.py
+                 RemoteFeatures): the engine only slices it and passes it to its drafter.
     """
 
     paths: list[list[int]]

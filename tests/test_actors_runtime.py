@@ -132,6 +132,26 @@ class OracleDrafter(DrafterBase):
         self.tokens.pop(request_id, None)
 
 
+class FeatureLogDrafter(OracleDrafter):
+    """The oracle's trees; logs a checksum of every feature row it is given, in call order."""
+
+    def __init__(self, references):
+        super().__init__(references)
+        self.log: list[tuple] = []
+
+    def on_prefill(self, request_id, token_ids, hidden, next_token):
+        self.log.append(("prefill", tuple(token_ids), hidden.double().sum(-1).tolist()))
+        super().on_prefill(request_id, token_ids, hidden, next_token)
+
+    def on_verified(self, request_id, accepted, hidden, next_token):
+        self.log.append(("verified", tuple(accepted), hidden.double().sum(-1).tolist()))
+        super().on_verified(request_id, accepted, hidden, next_token)
+
+
+def drafter_log(actor) -> list[tuple]:
+    return ray.get(actor.__ray_call__.remote(lambda self: self.drafter.log), timeout=30)
+
+
 def in_process_tokens(model_dir: str, prompts, params=GREEDY, **cfg) -> list[list[int]]:
     config = EngineConfig(model=model_dir, num_blocks=64, tree_budget=0, **cfg, dtype="float32")
     engine = LLMEngine(config, executor=InProcessExecutor(model_dir))
@@ -351,11 +371,82 @@ def test_unplaceable_replica_fails_in_bounded_time(tiny):
 # ---------------------------------------------------------------------- drafter failures
 
 
-def test_drafter_killed_mid_generation_then_restored(tiny):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_features_go_from_rank0_straight_to_the_drafter(tiny, tp):
+    """feature_transport=shm: rank 0 returns no features; the drafter actor receives the same
+    rows as through the host (the oracle: the host path's log), and the tokens are plain greedy's."""
+    path, prompts, params, expected, refs = tiny
+    logs, returned = {}, {}
+    for transport in ("host", "shm"):
+        replica = Replica(tiny_config(path, tp=tp, tree_budget=8),
+                          drafter_factory=functools.partial(FeatureLogDrafter, refs),
+                          executor_options=SMALL | {"feature_transport": transport}, drafter_required=True)
+        executor, seen = replica.engine.executor, []
+        call = executor._call
+
+        def recording(method, *args, **kw):
+            values = call(method, *args, **kw)
+            if method == "execute":
+                seen.append(values[0][2] is not None)  # rank 0's StepOutput carried features
+            return values
+
+        executor._call = recording
+        try:
+            outs = replica.generate(prompts, params)
+            assert [o.token_ids for o in outs] == expected
+            assert spec_steps(outs) > 2.5
+            assert replica.metrics()["feature_transport"] == transport
+            logs[transport], returned[transport] = drafter_log(replica._drafter), seen
+        finally:
+            replica.shutdown()
+    assert all(returned["host"]) and not any(returned["shm"])
+    assert len(logs["shm"]) == len(logs["host"]) > 2 * len(prompts)
+    assert logs["shm"] == logs["host"]
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("treespec-")]  # every segment freed
+
+
+def test_shared_memory_transport_round_trip():
+    from multiprocessing import resource_tracker, shared_memory
+
+    from actors.transport import PREFIX, SharedMemoryTransport
+
+    dead = subprocess_pid_that_exited()
+    orphan = shared_memory.SharedMemory(name=f"{PREFIX}{dead}-0f0f", create=True, size=64)  # a killed sender's
+    orphan.close()
+    resource_tracker.unregister(orphan._name, "shared_memory")  # as if its creator had died
+    sender, receiver = SharedMemoryTransport(), SharedMemoryTransport()
+    assert not os.path.exists(f"/dev/shm/{PREFIX}{dead}-0f0f")  # swept
+    tensors = [torch.randn(5, 7).to(torch.bfloat16), torch.arange(3), torch.zeros(0, 4), torch.randn(2)]
+    meta = sender.extract_tensor_transport_metadata("a1b2c3", tensors)
+    got = receiver.recv_multiple_tensors("a1b2c3", meta, None)
+    assert [t.dtype for t in got] == [t.dtype for t in tensors]
+    assert all(torch.equal(a, b) for a, b in zip(got, tensors))
+    sender.garbage_collect("a1b2c3", meta, tensors)
+    assert not os.path.exists(f"/dev/shm/{PREFIX}{os.getpid()}-a1b2c3")
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_feature_transport_must_fit_the_device(tiny):
+    with pytest.raises(ValueError, match="cuda_ipc is for GPU"):
+        RayExecutor(tiny_config(tiny[0], tp=1), feature_transport="cuda_ipc", **SMALL)
+    with pytest.raises(ValueError, match="feature_transport must be one of"):
+        RayExecutor(tiny_config(tiny[0], tp=1), feature_transport="pigeon", **SMALL)
+
+
+@pytest.mark.parametrize("transport", ["host", "shm"])
+def test_drafter_killed_mid_generation_then_restored(tiny, transport):
     path, prompts, params, expected, refs = tiny
     replica = Replica(tiny_config(path, tp=1, tree_budget=8), drafter_factory=functools.partial(OracleDrafter, refs),
-                      executor_options=SMALL, restore_interval_s=0.2)
+                      executor_options=SMALL | {"feature_transport": transport}, restore_interval_s=0.2)
     try:
+        shards = replica.engine.executor.shard_pids()
         ids = [replica.add_request(p, params) for p in prompts]
         for _ in range(3):  # prefill + two speculative steps
             replica.step()
@@ -375,6 +466,9 @@ def test_drafter_killed_mid_generation_then_restored(tiny):
         outs = replica.generate(prompts, params)  # ... and new requests speculate again
         assert [o.token_ids for o in outs] == expected
         assert spec_steps(outs) > 2.5
+        # The drafter's death took no shard with it (a failed direct transfer only fails the drafter).
+        assert replica.engine.executor.shard_pids() == shards
+        assert replica.metrics()["feature_transport"] == transport and replica.metrics()["shard_failures"] == 0
     finally:
         replica.shutdown()
 

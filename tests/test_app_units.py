@@ -57,6 +57,7 @@ def test_device_dependent_defaults():
     ({"dtype": "int8"}, "dtype"),
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
     ({"tree_budget": -1}, "tree_budget"),
+    ({"feature_transport": "gloo"}, "feature_transport must be one of"),
 ])
 def test_app_args_rejected_with_a_reason(args, match):
     with pytest.raises(ValueError, match=match):
