@@ -74,3 +74,9 @@ def test_prefill_bench_rejects_bad_lengths():
     out = subprocess.run([sys.executable, "bench/prefill.py", "--lengths", "8,x"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode != 0 and "error: --lengths" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_feature_transport_bench_shape():
+    res = run_bench("bench/feature_transport.py", "--batch", "2", "--tokens", "6", "--rounds", "1")
+    assert res["bench"] == "feature_transport" and res["host_tok_s"] > 0 and res["shm_tok_s"] > 0
+    assert res["shm_bytes_back_per_step"] < res["host_bytes_back_per_step"]  # the rows went straight to the drafter
