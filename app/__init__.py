@@ -5,6 +5,7 @@
 - ingress.py   Ingress deployment: OpenAI API (FastAPI), validation, trace context, SSE, /metrics
 - server.py    LLMServer deployment: one engine per replica, stepped in a background thread
 - protocol.py  request schemas, OpenAI error bodies, SSE framing
+- security.py  API keys (from the environment) and the request-body bounds, as ASGI middleware
 - tracing.py   OpenTelemetry (W3C trace context in, OTLP/HTTP out)
 - metrics.py   Prometheus metrics (ingress /metrics and ray.util.metrics)
 

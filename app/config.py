@@ -46,6 +46,13 @@ class AppConfig:
     # observability
     otlp_endpoint: str | None = None  # OTLP/HTTP base URL; default $OTEL_EXPORTER_OTLP_ENDPOINT; none = off
     trace_export_delay_ms: int = 2000
+    # access and request bounds (app/security.py; the keys come from the environment, never from here)
+    require_api_keys: bool | None = None  # True: no ingress starts without a key; None: keys set where it is built
+    max_request_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    request_read_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408
+    stream_idle_timeout_s: float = 60.0  # a streaming client that takes no data this long: generation cancelled
+    max_messages: int = 2048  # per chat request
+    max_stop_sequences: int = 4  # per request
 
     @classmethod
     def from_args(cls, args: dict | None) -> "AppConfig":
@@ -62,6 +69,10 @@ class AppConfig:
         cfg = cls(engine, **{k: _convert(k, v, app_hints[k]) for k, v in args.items() if k in app_fields})
         if cfg.otlp_endpoint is None:
             cfg.otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        if cfg.require_api_keys is None:  # keys set here but not reaching the ingress must not mean an open API
+            from app.security import api_keys_configured
+
+            cfg.require_api_keys = api_keys_configured()
         cfg.validate()
         return cfg
 
@@ -93,6 +104,10 @@ class AppConfig:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)}")
         if self.queue_timeout_s <= 0 or self.report_interval_s <= 0 or self.target_ongoing_requests <= 0:
             raise ValueError("queue_timeout_s, report_interval_s and target_ongoing_requests must be > 0")
+        for name in ("max_request_bytes", "request_read_timeout_s", "stream_idle_timeout_s", "max_messages",
+                     "max_stop_sequences"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def use_ray_executor(self) -> bool:

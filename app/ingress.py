@@ -4,12 +4,17 @@ Routes: POST /v1/chat/completions, POST /v1/completions (stream or not),
 GET /v1/models, GET /health, GET /v1/speculation (the router's decisions and
 the load each replica reported), GET /metrics (Prometheus text).
 
+In front of every route sits app/security.py's Guard: with API keys in the
+replica's environment, every route but /health needs one (401); request bodies
+are bounded in size (413) and upload time (408) before a route parses them.
+
 For each completion request the ingress validates the body (OpenAI error body
 and a 4xx on any mistake), opens the trace span (the client's ``traceparent``
 is its parent), calls ``LLMServer.generate`` through a streaming handle and
 turns its events into one JSON response or SSE ``data:`` chunks ending in
-``data: [DONE]``. If the client goes away, the handle call is cancelled and the
-server aborts the request, freeing its KV blocks.
+``data: [DONE]``. If the client goes away, or takes no data of a stream for
+``stream_idle_timeout_s``, the handle call is cancelled and the server aborts
+the request, freeing its KV blocks.
 """
 
 import asyncio
@@ -27,11 +32,29 @@ from app.config import AppConfig
 from app.metrics import RequestMetrics
 from app.protocol import (SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, new_id, now, parse,
                           sse)
+from app.security import KEYS_ENV, KEYS_FILE_ENV, Guard, guard_settings
 from app.tracing import Tracing, extract, inject
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="treespec", description="OpenAI-compatible API with tree-based speculative decoding")
+
+
+def _replica_guard():
+    """The Guard's settings: those of the Ingress instance this replica runs (its keys, its limits)."""
+    return serve.get_replica_context().servable_object.guard
+
+
+api.add_middleware(Guard, settings=_replica_guard)
+
+# Metrics label for a path (refusals can name any path; labels must stay few).
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/v1/speculation", "/metrics")
+
+
+def _route_label(path: str) -> str:
+    if path in _ROUTES:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -93,6 +116,34 @@ def _server_failure(exc: BaseException) -> APIError:
                     retry_after=1)
 
 
+class _Stalled(Exception):
+    pass
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that gives up on a client that takes no data for ``idle_s``: it closes the
+    event generator (whose ``finally`` cancels the generation, so the server aborts the request and
+    frees its KV blocks) and ends the response. ``on_stall`` runs first (marks the span)."""
+
+    def __init__(self, content, idle_s: float, on_stall, **kw):
+        super().__init__(content, **kw)
+        self.idle_s, self.on_stall = idle_s, on_stall
+
+    async def stream_response(self, send) -> None:
+        async def timed(message):
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
+
+        try:
+            await super().stream_response(timed)
+        except _Stalled:
+            self.on_stall()
+            await self.body_iterator.aclose()
+
+
 def _cancel(gen) -> None:
     """Cancel a handle call; the server's generator then aborts the request (freeing its KV blocks)."""
     try:
@@ -112,6 +163,18 @@ class Ingress:
         self.model_ids = {self.model, "default" if cfg.engine.model == "default" else cfg.engine.model}
         self.tracing = Tracing("treespec-ingress", cfg.otlp_endpoint, cfg.trace_export_delay_ms)
         self.metrics = RequestMetrics(self.model)
+        # Keys from this replica's environment (serve run passes its shell's; a cluster sets them on every
+        # node); a bad key file, or require_api_keys without keys, stops the replica with the reason.
+        self.guard = guard_settings(cfg, refused=lambda path, status: self.metrics.request(_route_label(path),
+                                                                                           status))
+        if len(self.guard.keys):
+            log.info("API keys: %d configured (%s / %s); every route but /health needs one", len(self.guard.keys),
+                     KEYS_ENV, KEYS_FILE_ENV)
+        else:
+            log.warning("no API key is set (%s, %s): the API is open to anyone who reaches the HTTP proxy",
+                        KEYS_ENV, KEYS_FILE_ENV)
+        self.limits = {"max_messages": cfg.max_messages, "max_stop_sequences": cfg.max_stop_sequences,
+                       "max_prompt_tokens": cfg.engine.max_model_len}
         self.app_name = serve.get_replica_context().app_name
         self.created = now()
         # Waiting longer than this for the next event means the server is stuck, not busy.
@@ -187,7 +250,7 @@ class Ingress:
                                                           "gen_ai.request.model": self.model})
         streaming = False
         try:
-            body = parse(schema, await request.body())
+            body = parse(schema, await request.body(), self.limits)
             if body.model is not None and body.model not in self.model_ids:
                 raise self._unknown_model(body.model)
             rid = new_id("chatcmpl" if chat else "cmpl")
@@ -214,8 +277,9 @@ class Ingress:
                 if body.stream:
                     include_usage = bool(body.stream_options and body.stream_options.include_usage)
                     streaming = True  # from here on _sse owns the generation and the span
-                    return StreamingResponse(self._sse(ctx, include_usage), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                    return _SSEResponse(self._sse(ctx, include_usage), self.cfg.stream_idle_timeout_s,
+                                        lambda: self._stalled(ctx), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
                 return await self._collect(ctx)
             except BaseException:  # client gone (the handler is cancelled) or an error: stop the generation
                 if not streaming:
@@ -300,6 +364,11 @@ class Ingress:
             chunk["usage"] = None
         return chunk
 
+    def _stalled(self, ctx: dict) -> None:
+        ctx["stalled"] = True
+        log.warning("request %s: the client took no data for %gs; its generation is cancelled", ctx["id"],
+                    self.cfg.stream_idle_timeout_s)
+
     async def _sse(self, ctx: dict, include_usage: bool):
         first_at, n_out, status, span = None, 0, 499, ctx["span"]
         try:
@@ -331,9 +400,10 @@ class Ingress:
                     break
             yield SSE_DONE
         finally:
-            if status == 499:  # the client went away mid-stream: cancel, so the server aborts and frees KV
+            if status == 499:  # the client went away or stalled mid-stream: cancel, so the server aborts and frees KV
                 _cancel(ctx["gen"])
-                span.set_attribute("treespec.client_disconnected", True)
+                span.set_attribute("treespec.client_stalled" if ctx.get("stalled") else "treespec.client_disconnected",
+                                   True)
             self.metrics.request(ctx["route"], status)
             span.set_attribute("http.response.status_code", status)
             span.end()

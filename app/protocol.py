@@ -2,7 +2,9 @@
 
 Requests are validated strictly (a string where a number belongs is an error,
 not coerced) and every failure becomes an OpenAI-style error body
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. The served limits (messages per
+request, stop sequences, the context length for a token-id prompt) come as the
+validation context of ``parse``; sizes are checked before the items are validated.
 """
 from __future__ import annotations
 
@@ -11,11 +13,20 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.config import REQUEST_SPECULATION
 
 Speculation = Literal[REQUEST_SPECULATION]  # type: ignore[valid-type]
+
+# parse()'s limits when the caller gives none (AppConfig: max_messages, max_stop_sequences; the
+# ingress passes max_prompt_tokens = the context length, None = unchecked here).
+DEFAULT_LIMITS = {"max_messages": 2048, "max_stop_sequences": 4, "max_prompt_tokens": None}
+
+
+def _limit(info: ValidationInfo, name: str):
+    return (info.context or {}).get(name, DEFAULT_LIMITS[name])
 
 
 class APIError(Exception):
@@ -97,12 +108,18 @@ class _Common(_Strict):
             raise ValueError("penalties are not supported (must be 0)")
         return v
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _few_stops(cls, v, info: ValidationInfo):
+        limit = _limit(info, "max_stop_sequences")
+        if isinstance(v, list) and len(v) > limit:
+            raise ValueError(f"at most {limit} stop sequences")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
@@ -124,6 +141,14 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_messages(cls, v, info: ValidationInfo):
+        limit = _limit(info, "max_messages")
+        if isinstance(v, list) and len(v) > limit:
+            raise ValueError(f"at most {limit} messages per request, got {len(v)}")
+        return v
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -136,12 +161,26 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(None, ge=1, le=1)
     logprobs: None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_size(cls, v, info: ValidationInfo):
+        if not isinstance(v, list):
+            return v
+        if len(v) > 1 and isinstance(v[0], (str, list)):
+            raise ValueError("one prompt per request (send several requests to batch)")
+        ids = v[0] if len(v) == 1 and isinstance(v[0], list) else v
+        limit = _limit(info, "max_prompt_tokens")
+        if limit and len(ids) >= limit and isinstance(ids[0], int):  # the server's check, before 10^6 ints parse
+            raise PydanticCustomError(
+                "context_length_exceeded",
+                "This model's maximum context length is {limit} tokens; the prompt has {n} tokens.",
+                {"limit": limit, "n": len(ids)})
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
-            if len(v) != 1:
-                raise ValueError("one prompt per request (send several requests to batch)")
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):  # one, as _prompt_size made sure
             v = v[0]
         if not v:
             raise ValueError("the prompt is empty")
@@ -152,8 +191,8 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
 
-def parse(cls: type[_Strict], raw: bytes) -> _Strict:
-    """Raw JSON body -> a validated request, or APIError(400)."""
+def parse(cls: type[_Strict], raw: bytes, limits: dict | None = None) -> _Strict:
+    """Raw JSON body -> a validated request, or APIError(400). limits: DEFAULT_LIMITS's keys."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -161,7 +200,7 @@ def parse(cls: type[_Strict], raw: bytes) -> _Strict:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={**DEFAULT_LIMITS, **(limits or {})})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = list(err["loc"])

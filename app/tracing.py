@@ -4,7 +4,9 @@ Each process (ingress replica, LLM server replica) builds its own
 ``TracerProvider`` with a batch exporter to ``<endpoint>/v1/traces``; with no
 endpoint it is a no-op tracer and nothing is exported. The trace context
 crosses from the ingress to the server inside the request payload as a W3C
-``traceparent`` carrier dict.
+``traceparent`` carrier dict. Of a request's headers only ``traceparent`` and
+``tracestate`` are read; no other header (``Authorization`` above all) becomes a
+span attribute, and requests refused for their API key are not traced.
 
 Spans of one request (one per phase, never one per token)::
 
