@@ -4,9 +4,12 @@
     bash bench/gpu_check.sh --dry-run       # the same code on CPU with tiny shapes (CI runs it)
 
 Checks (each reports ok; one failing does not stop the others):
-- kernels: the Triton attention (bf16, tree and causal masks) against the fp32 torch reference
-  and the Triton KV compaction against the torch one (bench/gpu_tree_attention.py), and tree
-  vs causal attention at equal tokens (64 rows x 8 sequences at 2048 and 8192 tokens of context);
+- kernels: the Triton attention (bf16, tree and causal masks) and the decode-shaped kernel (fp32
+  and bf16, forced and chosen KV splits) against the fp32 torch reference, the Triton KV
+  compaction against the torch one (bench/gpu_tree_attention.py), tree vs causal attention at
+  equal tokens (64 rows x 8 sequences at 2048 and 8192 tokens of context), and one attention
+  call of Llama-3-70B's heads at tp=4 through the prefill-shaped and the decode kernel
+  (batch 1 at 8192 and 32768 tokens, a 16-row tree at 8192, batch 32 at 2048);
 - engine_equality: a small random Llama through the engine on the device (Triton attention,
   verification on the device): speculative decoding, with a drafter that drafts the plain
   continuation among decoys, gives plain decoding's tokens at T=0, in float32 and bfloat16.
@@ -98,10 +101,13 @@ def kernels(device: str) -> dict:
     import gpu_tree_attention as kernel_bench
 
     out = {"tests": os.environ.get("KERNEL_TESTS", "not run"),  # bench/gpu_check.sh runs them first
-           **kernel_bench.check_attention(), **kernel_bench.check_compaction()}
+           **kernel_bench.check_attention(), **kernel_bench.check_decode(), **kernel_bench.check_compaction()}
     out["tree_vs_causal"] = {f"{prefix}+{tree}": kernel_bench.time_case(prefix, tree).get("tree_vs_causal")
                              for prefix, tree in ((2048, 64), (8192, 64))}
-    out["ok"] = bool(out["attention_ok"] and out["compaction_ok"] and out["tests"] != "failed")
+    out["decode_70b_tp4"] = {f"batch{b}_ctx{c}_rows{r}": kernel_bench.time_decode(b, c, r)
+                             for b, c, r in kernel_bench.DECODE_SHAPES}
+    out["ok"] = bool(out["attention_ok"] and out["decode_ok"] and out["compaction_ok"]
+                     and out["tests"] != "failed")
     return out
 
 

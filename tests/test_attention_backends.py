@@ -4,7 +4,10 @@ The Triton kernels run on CPU tensors in Triton's interpreter, which must be on 
 process first imports triton (transformers imports it): so the Triton runs happen in a child
 process started with TRITON_INTERPRET=1, this file's ``__main__``. The oracle is the same
 engine on the "torch" reference attention: speculative decoding at T=0, with 8-node EAGLE trees verified
-in one forward, must produce the same tokens on both.
+in one forward, must produce the same tokens on both. The child counts the kernel calls: decode and
+verify steps go through the decode-shaped kernel (treespec_kernels/triton_decode.py), some with
+several KV splits, and the step that prefills the 70-token prompt (70 rows x GQA 2 > 128) through
+the prefill-shaped one (treespec_kernels/triton_attention.py).
 
 fp32 and fp16 are compared; bf16 only on a GPU (the interpreter's bf16 ``tl.dot`` is wrong:
 docs/kernels.md, Tests).
@@ -25,7 +28,8 @@ from engine.sampling import SamplingParams
 from engine.drafters.loading import load_drafter
 from engine.executor import InProcessExecutor
 
-PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2, 250, 8], [64, 65, 66, 67, 68, 69, 70, 71, 72]]
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2, 250, 8], [64, 65, 66, 67, 68, 69, 70, 71, 72],
+           [(7 * i) % 300 for i in range(70)]]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,8 @@ def run_engine(model_dir: str, dtype: str, attention_backend: str):
 
 
 def tokens_in_child(model_dir: str, dtype: str, attention_backend: str) -> dict:
-    """run_engine in a fresh process with Triton's interpreter on: {"tokens", "drafted", "verify_steps"}."""
+    """run_engine in a fresh process with Triton's interpreter on: {"attention", "tokens", "drafted",
+    "verify_steps", "calls"}."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, __file__, model_dir, dtype, attention_backend], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -66,6 +71,8 @@ def test_engine_through_triton_equals_torch(tiny_dir, dtype):
     # trees of several nodes were really verified through the kernels
     assert triton_run["drafted"] >= 8 * len(PROMPTS)
     assert triton_run["verify_steps"] >= len(PROMPTS)
+    calls = triton_run["calls"]
+    assert calls["decode"] > 0 and calls["decode_split"] > 0 and calls["prefill"] > 0, calls
 
 
 def test_triton_on_cpu_needs_the_interpreter_from_the_start(tiny_dir):
@@ -105,11 +112,37 @@ def test_generate_cli_forces_the_triton_backend():
     assert bad.stderr.count("\n") == 1 and "flash" in bad.stderr
 
 
+def count_kernel_calls() -> dict:
+    """Wrap the Triton entry points that engine.attention.attend calls; returns the live counts."""
+    import torch
+
+    from engine.attention import triton_attention
+
+    prefill_kernel, decode_kernel = triton_attention(torch.device("cpu"))
+    calls = {"decode": 0, "decode_split": 0, "prefill": 0}
+    decode, prefill = decode_kernel.paged_attention_decode, prefill_kernel.paged_attention_packed
+
+    def counted_decode(*args, **kw):
+        calls["decode"] += 1
+        calls["decode_split"] += kw.get("splits", 1) > 1
+        return decode(*args, **kw)
+
+    def counted_prefill(*args, **kw):
+        calls["prefill"] += 1
+        return prefill(*args, **kw)
+
+    decode_kernel.paged_attention_decode = counted_decode
+    prefill_kernel.paged_attention_packed = counted_prefill
+    return calls
+
+
 if __name__ == "__main__":  # the child of tokens_in_child
+    calls = count_kernel_calls()
     outs, executor = run_engine(*sys.argv[1:4])
     print(json.dumps({
         "attention": executor.runner.backend.attention,
         "tokens": [o.token_ids for o in outs],
         "drafted": sum(o.seq.stats.drafted for o in outs),
         "verify_steps": sum(o.seq.stats.verify_steps for o in outs),
+        "calls": calls,
     }))

@@ -31,10 +31,14 @@ def _import_triton_modules():
     try:
         import treespec_kernels.triton_attention as ta
         import treespec_kernels.triton_compaction as tc
+        import treespec_kernels.triton_decode as td
 
         if interpret and type(ta._tree_attention_kernel).__name__ != "InterpretedFunction":
             ta, tc = importlib.reload(ta), importlib.reload(tc)  # imported earlier without the flag
-        return ta, tc
+        if (interpret and type(td._decode_attention_kernel).__name__ != "InterpretedFunction"
+                or td._load_kv is not ta._load_kv):  # the decode kernel builds on ta's helpers
+            td = importlib.reload(td)
+        return ta, tc, td
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -42,7 +46,7 @@ def _import_triton_modules():
             os.environ["TRITON_INTERPRET"] = old
 
 
-triton_attention, triton_compaction = _import_triton_modules()
+triton_attention, triton_compaction, triton_decode = _import_triton_modules()
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,28 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale,
 
 
 @triton.jit
+def _new_tokens_step(acc, m_i, l_i, q, col, n_new, prefix, tok, q_rows, row_valid,
+                     k_cache_ptr, v_cache_ptr, bt_ptr, mask_ptr, stride_mask, offs_d, d_valid,
+                     kv_head, block_size, stride_cb, stride_cs, stride_ch, qk_scale,
+                     IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the step's new tokens (columns ``col`` of the sequence's new rows): row
+    ``tok`` sees column j where j <= tok (causal) or where its packed ancestor mask says so."""
+    col_valid = col < n_new
+    pos = prefix + col
+    k = _load_kv(k_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
+                 stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
+    v = _load_kv(v_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
+                 stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
+    if IS_CAUSAL:
+        visible = (col[None, :] <= tok[:, None]) & col_valid[None, :]
+    else:
+        words = tl.load(mask_ptr + q_rows[:, None] * stride_mask + (col // 32)[None, :],
+                        mask=row_valid[:, None] & col_valid[None, :], other=0)
+        visible = ((words >> (col % 32)[None, :]) & 1) != 0
+    return _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED=True, DOT_PRECISION=DOT_PRECISION)
+
+
+@triton.jit
 def _tree_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, ctx_ptr, qsl_ptr, mask_ptr,
     qk_scale, block_size,
@@ -130,21 +152,10 @@ def _tree_attention_kernel(
     else:
         n_cols = n_new
     for j0 in range(0, n_cols, BLOCK_N):
-        col = j0 + offs_n
-        col_valid = col < n_new
-        pos = prefix + col
-        k = _load_kv(k_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
-        v = _load_kv(v_cache_ptr, bt_ptr, pos, col_valid, offs_d, d_valid, kv_head, block_size,
-                     stride_cb, stride_cs, stride_ch, MASKED=True, EVEN_D=EVEN_D)
-        if IS_CAUSAL:
-            visible = (col[None, :] <= tok[:, None]) & col_valid[None, :]
-        else:
-            words = tl.load(mask_ptr + q_rows[:, None] * stride_mask + (col // 32)[None, :],
-                            mask=row_valid[:, None] & col_valid[None, :], other=0)
-            visible = ((words >> (col % 32)[None, :]) & 1) != 0
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale,
-                                             MASKED=True, DOT_PRECISION=DOT_PRECISION)
+        acc, m_i, l_i = _new_tokens_step(acc, m_i, l_i, q, j0 + offs_n, n_new, prefix, tok, q_rows, row_valid,
+                                         k_cache_ptr, v_cache_ptr, bt_ptr, mask_ptr, stride_mask, offs_d, d_valid,
+                                         kv_head, block_size, stride_cb, stride_cs, stride_ch, qk_scale,
+                                         IS_CAUSAL=IS_CAUSAL, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; every real row sees itself
     out = acc / l_i[:, None]
