@@ -30,7 +30,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.shard import RemoteFeatures, TargetShard, pack_step, pack_tensor, unpack_output
+from actors.shard import RemoteFeatures, TargetShard, pack_step, pack_tensor, runner_options, unpack_output
 from actors.transport import ray_name
 from actors.transport import register as register_transports
 from engine.config import EngineConfig, ModelConfig
@@ -108,7 +108,7 @@ class RayExecutor(Executor):
                 num_cpus=cpus_per_rank,
                 num_gpus=(1.0 - self.drafter_gpus if rank == 0 else 1.0) if self.gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(cfg.model, cfg.dtype, cfg.device, rank, self.tp, num_threads, cfg.attention_backend))
+            ).remote(cfg.model, cfg.dtype, cfg.device, rank, self.tp, num_threads, runner_options(cfg)))
         address, port = self._call("rendezvous", ranks=[0], timeout_s=timeout_s)[0]
         # The group's own timeout is longer than ours: the driver decides when a step has failed.
         self._call("load", address, port, self.step_timeout_s + 30, timeout_s=timeout_s)

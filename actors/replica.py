@@ -225,7 +225,17 @@ class Replica:
     def _install_drafter(self, actor, kind: str) -> None:
         self._drafter = actor
         self.feature_transport = self.engine.executor.connect_drafter(actor)
-        self.engine.set_drafter(RayDrafterProxy(actor, kind, self.drafter_timeout_s))
+        proxy = RayDrafterProxy(actor, kind, self.drafter_timeout_s)
+        proxy.format = self._draft_format()
+        self.engine.set_drafter(proxy)
+
+    def _draft_format(self) -> str:
+        from engine.drafters.loading import draft_format
+
+        try:
+            return draft_format(self.config)
+        except (ValueError, FileNotFoundError):  # a drafter factory of its own: no directory behind it
+            return "none"
 
     def _remove_drafter(self) -> None:
         self.engine.set_drafter(None)

@@ -56,7 +56,8 @@ class LoadReport:
     max_num_seqs: int = 16
     kv_used: int = 0
     kv_total: int = 1
-    drafter: str | None = None  # drafter kind ("eagle", "medusa") or None
+    drafter: str | None = None  # drafter kind ("eagle", "eagle3", "medusa") or None
+    drafter_format: str | None = None  # the checkpoint format it was loaded from (engine/drafters/registry.py)
     drafter_healthy: bool = False
     max_tree_budget: int = 0  # the replica's configured (largest) budget
     tree_budget: int = 0  # the budget applied since the last report (0 = off)

@@ -38,6 +38,12 @@ from engine.runner import ModelRunner
 from engine.weights import resolve_model
 
 
+def runner_options(config) -> dict:
+    """The ModelRunner keyword arguments a shard takes from its replica's EngineConfig."""
+    return {"attention_backend": config.attention_backend, "feature_layers": config.feature_layers,
+            "cuda_graphs": config.cuda_graphs, "max_model_len": config.max_model_len}
+
+
 def local_device(device: str) -> str:
     """Inside an actor Ray exposes only its own GPU(s), so any 'cuda:N' becomes 'cuda'."""
     return "cuda" if device.startswith("cuda") else device
@@ -63,10 +69,12 @@ def join_group(rank: int, world_size: int, address: str, port: int, device: str,
 @ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)
 class TargetShard:
     def __init__(self, model: str, dtype: str, device: str, rank: int, world_size: int,
-                 num_threads: int | None = None, attention_backend: str = "auto"):
-        """model: a checkpoint directory or "default" (resolved on this node)."""
+                 num_threads: int | None = None, runner_options: dict | None = None):
+        """model: a checkpoint directory or "default" (resolved on this node); runner_options:
+        ModelRunner's keyword arguments from the EngineConfig (attention_backend, feature_layers,
+        cuda_graphs, max_model_len: ``runner_options``)."""
         self.model, self.dtype, self.device = model, dtype, local_device(device)
-        self.attention_backend = attention_backend
+        self.runner_options = runner_options or {}
         self.rank, self.world_size = rank, world_size
         if self.device == "cpu":
             # Ranks of one replica share the node's cores; oversubscription makes gloo crawl.
@@ -86,8 +94,7 @@ class TargetShard:
         if self.world_size > 1:
             join_group(self.rank, self.world_size, address, port, self.device, timeout_s)
         tp = TPGroup(self.rank, self.world_size)  # group None: this process's default group
-        self.runner = ModelRunner(resolve_model(self.model), self.dtype, self.device, tp=tp,
-                                  attention_backend=self.attention_backend)
+        self.runner = ModelRunner(resolve_model(self.model), self.dtype, self.device, tp=tp, **self.runner_options)
         return self.runner.config
 
     def kv_bytes_per_block(self, block_size: int) -> int:

@@ -16,9 +16,9 @@ import os
 import typing
 from dataclasses import dataclass, field, fields
 
-from engine.config import EngineConfig
+from engine.config import DRAFTER_KINDS, EngineConfig
 
-REQUEST_SPECULATION = ("auto", "off", "eagle", "medusa")
+REQUEST_SPECULATION = ("auto", *DRAFTER_KINDS)  # a request's "speculation": auto, off or a drafter kind
 
 
 @dataclass

@@ -152,6 +152,20 @@ def _cancel(gen) -> None:
         pass
 
 
+def _drafter_card(cfg: AppConfig) -> dict:
+    """The drafter the replicas load (kind, checkpoint format, path): /v1/models shows it; each
+    replica's report in /v1/speculation says whether its drafter is up."""
+    from engine.drafters.loading import draft_format
+
+    try:
+        engine = cfg.engine.resolve()
+        if engine.drafter == "off":
+            return {"kind": "off"}
+        return {"kind": engine.drafter, "format": draft_format(engine), "path": engine.draft_path}
+    except (ValueError, FileNotFoundError) as exc:  # the replicas report the same error in their logs
+        return {"kind": cfg.engine.drafter, "error": str(exc)[:300]}
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -177,6 +191,7 @@ class Ingress:
                        "max_prompt_tokens": cfg.engine.max_model_len}
         self.app_name = serve.get_replica_context().app_name
         self.created = now()
+        self.drafter = _drafter_card(cfg)
         # Waiting longer than this for the next event means the server is stuck, not busy.
         self.stall_s = cfg.queue_timeout_s + 120.0
 
@@ -203,7 +218,7 @@ class Ingress:
 
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "treespec",
-                "max_model_len": self.cfg.engine.max_model_len}
+                "max_model_len": self.cfg.engine.max_model_len, "drafter": self.drafter}
 
     @api.get("/health")
     async def health(self):

@@ -17,7 +17,8 @@ Checks (each reports ok; one failing does not stop the others):
   forward) beside engine/plan.py's estimate for the same shapes.
 - drafter_placement: a drafter built for the target sits on the target's device.
 Figures, on a Llama-3-8B-shaped random model in bf16 (a 2-layer toy in the dry run):
-- decode_tok_s: plain decoding through the engine at batch 1, 8 and 32;
+- decode_tok_s: plain decoding through the engine at batch 1, 8 and 32, with CUDA graphs off and
+  on (engine/graphs.py), and their ratio;
 - verify_ratio: a forward of 16 / 32 / 64 tree rows over a 1-row forward (512-token context);
 - bandwidth_fraction: batch-1 decode against weight bytes / the device's measured copy bandwidth.
 
@@ -124,14 +125,20 @@ def engine_equality(device: str, dtypes: list[str], workdir: str) -> dict:
         engine = LLMEngine(EngineConfig(**{**base, "drafter": "eagle"}, tree_budget=8, lookup_tokens=0), executor,
                            ContinuationDrafter(refs, TOY["vocab_size"]))
         spec = engine.generate(prompts, greedy)
+        # The same speculative run with decode/verify steps padded to buckets (CUDA graphs on a GPU).
+        graphed = InProcessExecutor(path, dtype, device, cuda_graphs="on", max_model_len=256)
+        graph_engine = LLMEngine(EngineConfig(**{**base, "drafter": "eagle"}, tree_budget=8, lookup_tokens=0,
+                                              max_model_len=256), graphed, ContinuationDrafter(refs, TOY["vocab_size"]))
+        graph_spec = graph_engine.generate(prompts, greedy)
         steps = sum(o.seq.stats.verify_steps for o in spec)
         result[dtype] = {
             "attention": executor.runner.backend.attention,
             "equal": [o.token_ids for o in spec] == [o.token_ids for o in plain],
+            "cuda_graphs_equal": [o.token_ids for o in graph_spec] == [o.token_ids for o in plain],
             "tokens_per_step": round(sum(len(o.token_ids) for o in spec) / max(1, steps), 2),
             "kv_blocks_leaked": engine.kv_blocks_used,
         }
-    result["ok"] = all(r["equal"] and r["kv_blocks_leaked"] == 0 and r["tokens_per_step"] > 1.5
+    result["ok"] = all(r["equal"] and r["cuda_graphs_equal"] and r["kv_blocks_leaked"] == 0 and r["tokens_per_step"] > 1.5
                        for r in result.values())
     return result
 
@@ -210,16 +217,23 @@ def figures(device: str, model: dict, batches: list[int], new_tokens: int) -> di
             p.normal_(0, 0.02)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     out = {"weight_gb": round(weight_bytes / 1e9, 2)}
-    decode = {}
-    for batch in batches:
-        engine = LLMEngine(EngineConfig(model="default", dtype="bfloat16", device=device, drafter="off",
-                                        tree_budget=0, num_blocks=max(64, batch * 40), max_num_seqs=batch), executor)
-        prompts = [[(7 * b + i) % model["vocab_size"] for i in range(32)] for b in range(batch)]
-        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        seconds = timed(lambda: engine.generate(prompts, params), sync, 1)
-        decode[str(batch)] = round(batch * new_tokens / seconds, 1)
-    out["decode_tok_s"] = decode
+    by_graphs = {}
+    for graphs in ("off", "on"):  # on CPU "on" runs the padded steps eagerly: the code path only
+        runner.cuda_graphs, runner.max_model_len = graphs, 256
+        decode = by_graphs[graphs] = {}
+        for batch in batches:
+            engine = LLMEngine(EngineConfig(model="default", dtype="bfloat16", device=device, drafter="off",
+                                            tree_budget=0, num_blocks=max(64, batch * 40), max_num_seqs=batch,
+                                            max_model_len=256), executor)
+            prompts = [[(7 * b + i) % model["vocab_size"] for i in range(32)] for b in range(batch)]
+            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+            engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up (and graph capture)
+            seconds = timed(lambda: engine.generate(prompts, params), sync, 1)
+            decode[str(batch)] = round(batch * new_tokens / seconds, 1)
+    decode = out["decode_tok_s"] = by_graphs["off"]
+    out["decode_tok_s_cuda_graphs"] = by_graphs["on"]
+    out["cuda_graphs_speedup"] = {b: round(by_graphs["on"][b] / by_graphs["off"][b], 3) for b in decode}
+    runner.cuda_graphs = "off"
     # One sequence with a 512-token context: a forward of R tree rows over a 1-row forward.
     runner.allocate_kv(64, 16)
     table = list(range(64))

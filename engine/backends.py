@@ -13,6 +13,7 @@ Both return a ``ModelOutput`` where the forward left it: on the device for ``Mod
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
@@ -20,15 +21,25 @@ from engine.attention import resolve_attention_backend, upload
 from engine.batch import ModelInput, ModelOutput
 from engine.fused import FusedModel
 
+log = logging.getLogger(__name__)
+_logged_feature_fallback = False  # choose_backend says once per process that feature capture skips the fused kernel
+
 
 class ModelForward:
-    def __init__(self, model, device: torch.device, attention: str):
+    def __init__(self, model, device: torch.device, attention: str, feature_layers: tuple[int, ...] | None = None):
+        """feature_layers: None, the output's hidden rows are the final normed hidden states;
+        else the inputs of these layers, concatenated (EAGLE-3's features; the logits still
+        come from the final hidden state)."""
         self.model, self.device, self.attention = model, device, attention
+        self.feature_layers = feature_layers
 
     def forward(self, inp: ModelInput, kv_cache: torch.Tensor) -> ModelOutput:
         ids, positions, logits_indices, meta = upload(inp, self.device, self.attention)
-        hidden = self.model(ids, positions, meta)
-        return ModelOutput(self.model.compute_logits(hidden[logits_indices]), hidden)
+        if self.feature_layers is None:
+            hidden = features = self.model(ids, positions, meta)
+        else:
+            hidden, features = self.model.forward_features(ids, positions, meta, self.feature_layers)
+        return ModelOutput(self.model.compute_logits(hidden[logits_indices]), features)
 
 
 class FusedCPUForward:
@@ -60,12 +71,22 @@ class FusedCPUForward:
         return ModelOutput(logits, torch.cat(hidden), argmax)
 
 
-def choose_backend(model, device: torch.device, attention_backend: str = "auto", fused: bool = True):
+def choose_backend(model, device: torch.device, attention_backend: str = "auto", fused: bool = True,
+                   feature_layers: tuple[int, ...] | None = None):
     """The forward backend of one rank: with "auto", the fused C kernel where it applies (a bf16
     single-rank CPU model on a CPU it builds for: engine/fused.py); else the model's own forward
-    with the resolved attention backend. fused=False keeps the torch path (comparisons)."""
+    with the resolved attention backend. fused=False keeps the torch path (comparisons).
+    feature_layers (ModelForward's): the fused kernel returns only the final hidden state, so
+    capturing layer inputs keeps the torch path."""
     attention = resolve_attention_backend(attention_backend, device)
-    eager = ModelForward(model, device, attention)
+    eager = ModelForward(model, device, attention, feature_layers)
+    if fused and feature_layers is not None and attention_backend == "auto" and device.type == "cpu":
+        global _logged_feature_fallback
+        if not _logged_feature_fallback:
+            _logged_feature_fallback = True
+            log.info("capturing the inputs of layers %s (EAGLE-3 features): the target runs its torch "
+                     "forward, not the fused CPU kernel", list(feature_layers))
+        fused = False
     if fused and attention_backend == "auto" and device.type == "cpu":
         packed = FusedModel.for_target(model)
         if packed is not None:

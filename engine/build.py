@@ -37,7 +37,9 @@ def build_engine(config: EngineConfig, *, executor=None, tokenizer=None) -> LLME
     model_dir = resolve_model(resolved.model)
     if executor is None:
         executor = InProcessExecutor(model_dir, resolved.dtype, resolved.device,
-                                     attention_backend=resolved.attention_backend)
+                                     attention_backend=resolved.attention_backend,
+                                     feature_layers=resolved.feature_layers, cuda_graphs=resolved.cuda_graphs,
+                                     max_model_len=resolved.max_model_len)
     drafter = None
     if resolved.drafter != "off" and resolved.tree_budget > 0:
         try:

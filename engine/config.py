@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from engine.drafters.registry import KINDS
+
 
 @dataclass
 class ModelConfig:
@@ -77,9 +79,10 @@ class ModelConfig:
             )
 
 
-DRAFTER_KINDS = ("off", "eagle", "medusa")
+DRAFTER_KINDS = ("off", *KINDS)  # engine/drafters/registry.py
 CPU_KV_CACHE_GIB = 0.5  # the KV cache of a CPU replica, where no device memory is measured
 ATTENTION_BACKENDS = ("auto", "torch", "triton")  # engine/attention.py
+CUDA_GRAPHS = ("auto", "on", "off")  # engine/graphs.py
 
 
 @dataclass
@@ -92,10 +95,12 @@ class EngineConfig:
     model: a HF checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct.
     dtype: "float32", "bfloat16", "float16", or "auto" (``auto_dtype``; with a given
         executor, the executor's dtype).
-    drafter: the drafter kind loaded at start: "off", "eagle", "medusa", or "auto" (the kind
-        at draft_path, or the default model's shipped drafter, else off: ``default_drafter``);
+    drafter: the drafter kind loaded at start: "off", "eagle", "eagle3", "medusa", or "auto" (the
+        kind at draft_path, or the default model's shipped drafter, else off: ``default_drafter``);
         requests and the router may switch speculation off per step, never on without one.
-    draft_path: drafter directory; None means the shipped drafter of the default model.
+    draft_path: drafter directory, this project's layout or a published one (EAGLE-1/2,
+        EAGLE-3, Medusa-1: engine/drafters/registry.py); None means the shipped drafter of
+        the default model.
     tree_budget: draft tree nodes per sequence per step (0 disables speculation; None:
         ``auto_tree_budget``).
     draft_depth, draft_top_k: EAGLE-2 tree search (depth levels, children per node; the
@@ -124,6 +129,14 @@ class EngineConfig:
         step's activations and the KV cache).
     attention_backend: "auto" (Triton on CUDA; on CPU torch, or the fused C kernel for a
         bf16 model), "torch" or "triton" (on CPU in Triton's interpreter: slow, for tests).
+    feature_layers: the target features a drafter reads: None, the final normed hidden state
+        (EAGLE, Medusa); else the inputs of these decoder layers (transformers'
+        ``hidden_states[i]``, 0 the embedding output), concatenated [N, len * H] (EAGLE-3:
+        engine/drafters/eagle3.py ``eagle3_feature_layers``). The target then runs its torch
+        forward on a CPU, not the fused kernel.
+    cuda_graphs: "auto" (on CUDA with Triton attention: decode and verify steps padded to
+        bucketed shapes and replayed as CUDA graphs, engine/graphs.py), "on" (also on CPU,
+        where the padded steps run eagerly: for tests), or "off".
     """
 
     model: str = "default"
@@ -148,6 +161,8 @@ class EngineConfig:
     lookup_tokens: int = 6
     attention_backend: str = "auto"
     seed: int = 0
+    feature_layers: tuple[int, ...] | None = None
+    cuda_graphs: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -180,6 +195,14 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
+        if self.feature_layers is not None:
+            layers = self.feature_layers
+            if (not isinstance(layers, (list, tuple)) or not layers
+                    or any(not isinstance(i, int) or i < 0 for i in layers)):
+                raise ValueError(f"feature_layers must be None or a list of layer ids >= 0, got {layers!r}")
+            self.feature_layers = tuple(layers)  # a list from JSON / YAML
 
     def resolve(self, executor_dtype: str | None = None) -> "EngineConfig":
         """A copy with every "auto" / None default replaced by the device's value.
@@ -193,8 +216,11 @@ class EngineConfig:
             from engine.drafters.loading import default_drafter
 
             drafter = default_drafter(self.model, self.device, self.draft_path)
+        feature_layers = self.feature_layers
+        if drafter == "eagle3" and feature_layers is None:
+            feature_layers = eagle3_features(self.model, self.draft_path)
         return dataclasses.replace(
-            self, dtype=dtype, drafter=drafter,
+            self, dtype=dtype, drafter=drafter, feature_layers=feature_layers,
             tree_budget=auto_tree_budget(self.device) if self.tree_budget is None else self.tree_budget,
             draft_vocab_size=(auto_draft_vocab_size(self.device) or 0) if self.draft_vocab_size is None
             else self.draft_vocab_size,
@@ -209,6 +235,16 @@ class EngineConfig:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"{model.max_position_embeddings} positions"
             )
+
+
+def eagle3_features(model: str, draft_path: str | None) -> tuple[int, ...]:
+    """The target layers an EAGLE-3 drafter at draft_path (or a random one) reads."""
+    from engine.drafters.eagle3 import eagle3_feature_layers
+    from engine.drafters.registry import detect_format
+    from engine.weights import resolve_model
+
+    config = {} if draft_path in (None, "random") else detect_format(draft_path).config
+    return eagle3_feature_layers(config, ModelConfig.from_path(resolve_model(model)))
 
 
 def auto_dtype(device: str = "cpu") -> str:

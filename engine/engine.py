@@ -59,6 +59,7 @@ class EngineLoad:
     kv_used: int  # KV blocks
     kv_total: int
     drafter: str | None  # the drafter's kind, None without one
+    drafter_format: str | None  # the format it was loaded from (engine/drafters/registry.py)
     drafter_healthy: bool
     max_tree_budget: int  # the configured (largest) tree budget
     tree_budget: int  # the budget in force now (0: not speculating)
@@ -210,7 +211,9 @@ class LLMEngine:
         return EngineLoad(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             max_num_seqs=self.config.max_num_seqs, kv_used=self.allocator.num_used,
-            kv_total=self.allocator.num_blocks, drafter=kind, drafter_healthy=bool(self.drafter_healthy and kind),
+            kv_total=self.allocator.num_blocks, drafter=kind,
+            drafter_format=getattr(self.drafter, "format", None) if kind else None,
+            drafter_healthy=bool(self.drafter_healthy and kind),
             max_tree_budget=self.config.tree_budget, tree_budget=self.tree_budget_in_force,
         )
 

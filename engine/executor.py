@@ -45,9 +45,11 @@ class Executor:
 
 class InProcessExecutor(Executor):
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", config: ModelConfig | None = None,
-                 load: bool = True, attention_backend: str = "auto"):
+                 load: bool = True, attention_backend: str = "auto", feature_layers: tuple[int, ...] | None = None,
+                 cuda_graphs: str = "off", max_model_len: int = 0):
         self.runner = ModelRunner(model_dir, dtype, device, config=config, load=load,
-                                  attention_backend=attention_backend)
+                                  attention_backend=attention_backend, feature_layers=feature_layers,
+                                  cuda_graphs=cuda_graphs, max_model_len=max_model_len)
         self.config = self.runner.config
         self.dtype = dtype
 

@@ -265,7 +265,8 @@ class FusedModel(_Packed):
     """Packed weights of a Llama decoder or an EAGLE drafter, and its fused forward.
 
     layers: per layer (qkv [QKV, H], o [H, heads * D], gate_up [2I, H], down [H, I],
-    input norm [H], post-attention norm [H]); head [V, H]; final_norm [H] or None;
+    input norm [H] or None (the layer reads its input un-normed), post-attention norm [H]);
+    head [V, H]; final_norm [H] or None;
     fc [H, fc_in] and fc_bias [H] for an EAGLE input projection, else None.
     """
 
@@ -287,7 +288,7 @@ class FusedModel(_Packed):
             flags.append(False)
         self._pack(threads, mats, flags)
         self.max_rows = max_rows or (MAX_ROWS_AMX if self.amx or self.panels else MAX_ROWS)
-        self.keep = [t.detach().contiguous() for layer in layers for t in layer[4:]]
+        self.keep = [None if t is None else t.detach().contiguous() for layer in layers for t in layer[4:]]
         self.keep.append(final_norm.detach().contiguous() if final_norm is not None else None)
         self.norm_ptrs = torch.tensor([_t(t) for t in self.keep], dtype=torch.int64)
         self.embed = embed.detach().to(torch.bfloat16).contiguous() if embed is not None else None
@@ -329,7 +330,8 @@ class FusedModel(_Packed):
             return None
         with torch.no_grad():
             layers = [(torch.cat([L.q_proj.weight, L.k_proj.weight, L.v_proj.weight]), L.o_proj.weight,
-                       L.mlp.gate_up_proj.weight, L.mlp.down_proj.weight, L.input_layernorm.weight,
+                       L.mlp.gate_up_proj.weight, L.mlp.down_proj.weight,
+                       getattr(L.input_layernorm, "weight", None),  # None: no input norm (published EAGLE-1/2)
                        L.post_attention_layernorm.weight) for L in model.layers]
         return cls(threads or torch.get_num_threads(), hidden=c.hidden_size, heads=c.num_attention_heads,
                    kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, layers=layers,
@@ -462,8 +464,8 @@ class FusedMedusa(_Packed):
                    int8: bool = False) -> "FusedMedusa | None":
         """A MedusaModel (engine/drafters/medusa.py) with its draft head's rows, or None.
         int8: int8 weights on AMX-INT8 or AVX512-VNNI or in the AVX2 build (``pack_arenas``)."""
-        if fused_disabled_reason(model.heads[0][0].linear.weight):
-            return None
+        if fused_disabled_reason(model.heads[0][0].linear.weight) or model.lm_heads is not None:
+            return None  # heads with their own lm_heads (published Medusa-1): the kernel reads one shared head
         return cls(threads or torch.get_num_threads(), model, head_weight, int8)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from engine.config import ATTENTION_BACKENDS
+from engine.config import ATTENTION_BACKENDS, DRAFTER_KINDS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,9 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--drafter", default="auto", choices=["auto", "off", "eagle", "medusa"],
-                    help="auto: the shipped drafter of the default model, else off")
-    ap.add_argument("--draft", default=None, help="drafter directory (default: the shipped one)")
+    ap.add_argument("--drafter", "--speculation", default="auto", choices=["auto", *DRAFTER_KINDS],
+                    help="auto: the kind --draft holds, else the shipped drafter of the default model, else off")
+    ap.add_argument("--draft", default=None,
+                    help="drafter directory: this project's layout or a published EAGLE-1/2, EAGLE-3 or "
+                         "Medusa-1 checkpoint (default: the shipped one)")
     ap.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes per step (default: auto)")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="draft-head rows, the drafter's most frequent tokens first (0: all; default: auto)")
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
             "tokens_per_s": round(len(out.token_ids) / dt, 2),
             "finish_reason": out.finish_reason,
             "drafter": engine.config.drafter,
+            "draft_format": getattr(engine.drafter, "format", None),
             "mean_accepted": round(out.seq.stats.mean_accepted, 3),
         }))
     else:

@@ -4,6 +4,7 @@ Shapes: the forward takes the new tokens of all sequences flattened,
 ``input_ids [N]`` and ``positions [N]``, plus AttentionMetadata, and returns the
 final hidden states ``[N, hidden]`` (after the last RMSNorm; these are also the
 features EAGLE drafters read). ``compute_logits`` maps them to ``[N, vocab]``.
+``forward_features`` also returns the inputs of chosen layers (EAGLE-3's features).
 """
 from __future__ import annotations
 
@@ -155,12 +156,21 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, self.rope, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None):
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, capture: tuple[int, ...] | None = None):
+        """-> the final normed hidden [N, H]; with ``capture`` (layer ids), also the inputs of
+        those layers, concatenated in that order: [N, len(capture) * H]. Layer i's input is the
+        whole residual stream there, transformers' ``hidden_states[i]`` (0: the embedding
+        output); EAGLE-3 drafters read three of them."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rope.cos_sin(positions, x.dtype)
-        for layer in self.layers:
+        taps = {}
+        for i, layer in enumerate(self.layers):
+            if capture is not None and i in capture:
+                taps[i] = x
             x = layer(x, positions, meta, cos_sin)
-        return self.norm(x)
+        if capture is None:
+            return self.norm(x)
+        return self.norm(x), torch.cat([taps[i] for i in capture], dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -190,6 +200,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, inputs_embeds=None) -> torch.Tensor:
         """input_ids, positions: [N] -> hidden [N, hidden]."""
         return self.model(input_ids, positions, meta, inputs_embeds)
+
+    def forward_features(self, input_ids, positions, meta: AttentionMetadata,
+                         layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, positions: [N] -> (final hidden [N, hidden] for the logits, the inputs of
+        ``layers`` concatenated: [N, len(layers) * hidden]). Every rank holds them whole: the
+        residual stream is replicated after each row-parallel all-reduce."""
+        return self.model(input_ids, positions, meta, capture=layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] (full vocab on every rank)."""

@@ -10,6 +10,7 @@ import torch
 from engine.backends import choose_backend
 from engine.batch import ModelInput, ModelOutput, SamplingInput, SeqInput, StepOutput, build_model_input
 from engine.config import ModelConfig
+from engine.graphs import ROW_BUCKETS, GraphForward
 from engine.kv_cache import kv_blocks_for_memory
 from engine.model import LlamaForCausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
@@ -59,9 +60,15 @@ class ModelRunner:
         load: bool = True,
         pack_weights: bool = True,
         attention_backend: str = "auto",
+        feature_layers: tuple[int, ...] | None = None,
+        cuda_graphs: str = "off",
+        max_model_len: int = 0,
     ):
         """attention_backend: "auto", "torch" or "triton" (engine/attention.py); with "auto" a
-        bf16 single-rank CPU model runs its forwards in the fused C kernel (engine/backends.py)."""
+        bf16 single-rank CPU model runs its forwards in the fused C kernel (engine/backends.py).
+        feature_layers: EngineConfig.feature_layers (the hidden rows a forward returns).
+        cuda_graphs, max_model_len: EngineConfig's; with graphs on, decode and verify steps run
+        padded to buckets (engine/graphs.py), captured as CUDA graphs on a CUDA device."""
         self.tp = tp or TPGroup()
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -73,11 +80,26 @@ class ModelRunner:
         self.model.eval()
         if load and pack_weights and self.device.type == "cpu":
             pack_cpu_weights(self.model)  # bf16 only; a no-op for other dtypes
-        self.backend = choose_backend(self.model, self.device, attention_backend, fused=load)
-        self.fused = getattr(self.backend, "fused", None)  # the C kernel's packed model, when it runs
+        self.attention_backend, self.loaded = attention_backend, load
+        self.cuda_graphs, self.max_model_len = cuda_graphs, max_model_len
+        self.set_feature_layers(feature_layers)
         self.block_size = 0
         self.num_blocks = 0
         self.memory = CudaMemory(self.device) if self.device.type == "cuda" else None  # profile_kv_blocks
+
+    def set_feature_layers(self, layers: tuple[int, ...] | None) -> None:
+        """Which hidden rows forwards return: None, the final normed hidden state [N, H]; else
+        the inputs of these decoder layers, concatenated [N, len(layers) * H] (EAGLE-3). Chooses
+        the backend again (the fused CPU kernel captures no layer inputs)."""
+        if layers is not None:
+            layers = tuple(int(i) for i in layers)
+            n = self.config.num_hidden_layers
+            if not layers or any(not 0 <= i < n for i in layers):
+                raise ValueError(f"feature_layers {list(layers)}: need layer ids in [0, {n}) of this {n}-layer model")
+        self.feature_layers = layers
+        self.backend = choose_backend(self.model, self.device, self.attention_backend, fused=self.loaded,
+                                      feature_layers=layers)
+        self.fused = getattr(self.backend, "fused", None)  # the C kernel's packed model, when it runs
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         attn = self.model.layers[0].self_attn
@@ -116,11 +138,29 @@ class ModelRunner:
         every layer's slots in one gather + scatter instead of two per layer.
         """
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.backend = getattr(self.backend, "eager", self.backend) if isinstance(self.backend, GraphForward) \
+            else self.backend  # graphs hold the old cache's pointers: wrap the new one afresh below
+        graphs = self._graphs_on()
+        if graphs:
+            num_blocks += 1  # the trash block padding rows write to (engine/graphs.py)
         attn = self.model.layers[0].self_attn
         shape = (2, len(self.model.layers), num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        if graphs:
+            width = -(-(self.max_model_len + ROW_BUCKETS[-1]) // block_size) + 1
+            self.backend = GraphForward(self.backend, width, self.num_blocks, block_size, capture=self.device.type == "cuda")
+
+    def _graphs_on(self) -> bool:
+        """cuda_graphs "on" everywhere (on CPU: the same padding, run eagerly); "auto" on CUDA with
+        Triton attention (the torch reference plans attention from host ints, so it cannot be
+        captured); never beside the fused CPU kernel, which has no launches to save."""
+        if self.cuda_graphs == "off" or self.fused is not None or not self.max_model_len:
+            return False
+        if self.cuda_graphs == "on":
+            return True
+        return self.device.type == "cuda" and getattr(self.backend, "attention", None) == "triton"
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> ModelOutput:

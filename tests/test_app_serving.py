@@ -140,6 +140,8 @@ def test_models_and_health(served):
     assert [m.id for m in models.data] == [MODEL]
     status = replica_status(served["base"])
     assert status["kv_total"] > 0 and status["drafter"] is None and not status["drafter_healthy"]
+    card = httpx.get(served["base"] + "/v1/models", timeout=10).json()["data"][0]
+    assert card["drafter"] == {"kind": "off"} and status["drafter_format"] is None
 
 
 def test_chat_streaming_equals_non_streaming(served):

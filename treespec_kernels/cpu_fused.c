@@ -970,7 +970,8 @@ typedef struct {
     int64_t amx_attention;  /* attention scores on AMX tiles (qk_scores_amx) */
     float eps, scale;       /* RMSNorm epsilon, attention scale */
     const Share* shares;    /* [(4 * layers + 2) * threads]: qkv, o, gate_up, down per layer; head; fc */
-    const uint64_t* norms;  /* [2 * layers + 1] addresses of bf16 [hidden] weights; the last 0: no final norm */
+    const uint64_t* norms;  /* [2 * layers + 1] addresses of bf16 [hidden] weights; an input norm's or the
+                             * last 0: none (EAGLE-1/2's layer 0 has no input norm, a drafter no final norm) */
     const bf16* embed;      /* bf16 [vocab, hidden] (with fc_in: only for Batch.feats) */
     const float* inv_freq;  /* fp32 [head_dim / 2] */
     const bf16* fc_bias;    /* bf16 [hidden] or NULL */
@@ -1202,8 +1203,12 @@ int fused_forward(const Model* mdl, const Batch* bt_) {
             bf16* kc = kv + (size_t)l * layer_slots * NKV * D;
             bf16* vc = kv + ((size_t)L + l) * layer_slots * NKV * D;
 #pragma omp for schedule(static)
-            for (int r = 0; r < M; r++)
-                rms_norm_row(x + (size_t)r * H, (const bf16*)(uintptr_t)norms[2 * l], H, eps, xb + (size_t)r * H);
+            for (int r = 0; r < M; r++) {
+                if (norms[2 * l])
+                    rms_norm_row(x + (size_t)r * H, (const bf16*)(uintptr_t)norms[2 * l], H, eps, xb + (size_t)r * H);
+                else  /* no input norm (a published EAGLE-1/2 drafter's layer 0) */
+                    to_bf16(x + (size_t)r * H, xb + (size_t)r * H, H);
+            }
             gemv_share(&sh[0 * T + t], H, xb, H, M, y, QKV);
 #pragma omp barrier
 #pragma omp for schedule(static)

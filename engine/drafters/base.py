@@ -33,6 +33,7 @@ class Drafter:
     """
 
     kind: str = "none"
+    format: str = "none"  # the checkpoint format it came from (engine/drafters/registry.py) or "random"
 
     def on_prefill(self, request_id: str, token_ids: list[int], hidden: torch.Tensor, next_token: int) -> None:
         """token_ids: [n] the whole sequence so far (cache order); hidden: [n, H] target

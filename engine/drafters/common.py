@@ -18,18 +18,26 @@ class DraftHead(nn.Module):
     A 49152-row lm_head read at every draft depth costs as much as a large part of
     a target step on CPU; restricting it to the most frequent token ids (EAGLE-3's
     d2t trick) cuts that cost by V / Vd. ``ids`` maps draft rows to target ids.
+
+    An EAGLE-3 drafter brings its own head: ``rows_selected=True`` (lm_head_weight is already
+    [Vd, H], row j drafting target id ids[j]) and ``norm``, its final RMSNorm, applied to h
+    before the matmul (its next step reads the un-normed h).
     """
 
     packable = True  # engine.parallel.pack_cpu_weights may give it a oneDNN-packed copy
 
-    def __init__(self, lm_head_weight: torch.Tensor, ids: torch.Tensor | None = None):
+    def __init__(self, lm_head_weight: torch.Tensor, ids: torch.Tensor | None = None, norm: nn.Module | None = None,
+                 rows_selected: bool = False):
         super().__init__()
         self.register_buffer("ids", None if ids is None else ids.long(), persistent=False)
-        w = lm_head_weight if ids is None else lm_head_weight[ids.long()].clone()
+        w = lm_head_weight if ids is None or rows_selected else lm_head_weight[ids.long()].clone()
         self.register_buffer("weight", w.detach(), persistent=False)
+        self.norm = norm
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., H] -> logits over the draft vocabulary [..., Vd]."""
+        if self.norm is not None:
+            h = self.norm(h)
         return linear(self, h.to(self.weight.dtype))
 
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,12 @@ class EagleConfig:
     draft_vocab_size: int | None = None  # None: the full vocabulary
     num_layers: int = 1  # decoder layers; EAGLE-1/2 use one
     draft_vocab_order: str = "id"  # "frequency": draft_vocab_ids most frequent first (prefixes are top-N sets)
+    # Published EAGLE-1/2 layouts (engine/drafters/published.py): layer 0 without an input
+    # RMSNorm (its input is fc's output; later layers keep theirs), fc without a bias
+    # (EAGLE for Llama 3), and the RoPE scaling of the drafter's config.
+    input_norm: bool = True
+    fc_bias: bool = True
+    rope_scaling: dict | None = None
 
     @classmethod
     def from_target(cls, target: ModelConfig, draft_vocab_size: int | None = None,
@@ -64,11 +70,12 @@ class EagleConfig:
 class EagleLayer(nn.Module):
     """One Llama decoder layer with its own (dropped-per-step) KV; x [B, n, H]."""
 
-    def __init__(self, cfg: EagleConfig, dtype=torch.float32):
+    def __init__(self, cfg: EagleConfig, dtype=torch.float32, index: int = 0):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        # EAGLE-1/2 as published: layer 0 reads fc's output un-normed (an identity, no weight).
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype) if cfg.input_norm or index else nn.Identity()
         self.q_proj = nn.Linear(h, cfg.num_attention_heads * cfg.head_dim, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * cfg.head_dim, bias=False, dtype=dtype)
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * cfg.head_dim, bias=False, dtype=dtype)
@@ -92,22 +99,29 @@ class EagleLayer(nn.Module):
             self.mlp.down_proj.weight.zero_()
 
     def forward(self, x, rope, positions, mask, past_k=None, past_v=None):
-        c = self.cfg
-        b, n, _ = x.shape
-        hn = self.input_layernorm(x)
-        q = linear(self.q_proj, hn).view(b * n, c.num_attention_heads, c.head_dim)
-        k = linear(self.k_proj, hn).view(b * n, c.num_key_value_heads, c.head_dim)
-        v = linear(self.v_proj, hn).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(positions.reshape(-1), q, k)
-        q = q.view(b, n, -1, c.head_dim).transpose(1, 2)
-        k = k.view(b, n, -1, c.head_dim).transpose(1, 2)
-        if past_k is not None:
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
-                                           enable_gqa=c.num_attention_heads != c.num_key_value_heads)
-        x = x + linear(self.o_proj, o.transpose(1, 2).reshape(b, n, -1))
+        a, k, v = draft_attention(self, self.input_layernorm(x), rope, positions, mask, past_k, past_v)
+        x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
+
+
+def draft_attention(layer, x, rope, positions, mask, past_k=None, past_v=None):
+    """A drafter layer's self-attention over its own KV: x [B, n, in] (already normed) through
+    layer.q/k/v_proj, rope, the past K/V [B, n_kv, P, D] + these, and layer.o_proj.
+    Returns (output [B, n, H], k, v [B, n_kv, P + n, D])."""
+    c = layer.cfg
+    b, n, _ = x.shape
+    q = linear(layer.q_proj, x).view(b * n, c.num_attention_heads, c.head_dim)
+    k = linear(layer.k_proj, x).view(b * n, c.num_key_value_heads, c.head_dim)
+    v = linear(layer.v_proj, x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+    q, k = rope(positions.reshape(-1), q, k)
+    q = q.view(b, n, -1, c.head_dim).transpose(1, 2)
+    k = k.view(b, n, -1, c.head_dim).transpose(1, 2)
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+                                       enable_gqa=c.num_attention_heads != c.num_key_value_heads)
+    return linear(layer.o_proj, o.transpose(1, 2).reshape(b, n, -1)), k, v
 
 
 class EagleModel(nn.Module):
@@ -117,9 +131,9 @@ class EagleModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=True, dtype=dtype)
-        self.layers = nn.ModuleList(EagleLayer(cfg, dtype) for _ in range(cfg.num_layers))
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.fc = nn.Linear(2 * h, h, bias=cfg.fc_bias, dtype=dtype)
+        self.layers = nn.ModuleList(EagleLayer(cfg, dtype, i) for i in range(cfg.num_layers))
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -163,6 +177,10 @@ class _State:
 
 
 class EagleDrafter(Drafter):
+    """The EAGLE-2 search over a feature-predicting drafter: an EagleModel, or an EAGLE-3
+    model (engine/drafters/eagle3.py: the same call contract; it reads the target's features
+    for committed tokens and its own outputs for drafted ones, and its head normalizes first)."""
+
     kind = "eagle"
 
     def __init__(self, model: EagleModel, embed_weight: torch.Tensor, head: DraftHead, top_k: int = 8,
@@ -218,7 +236,10 @@ class EagleDrafter(Drafter):
         if nmax == 0:
             return k, v, seen
         emb = torch.zeros(B, nmax, c.hidden_size, dtype=dtype, device=dev)
-        feats = torch.zeros_like(emb)
+        # The target's features: its final hidden state (EAGLE), or three layers' inputs side by
+        # side (EAGLE-3, 3 x the target's hidden size), which the model's fc projects.
+        width = next(f.shape[-1] for st in sts for f in st.feats)
+        feats = torch.zeros(B, nmax, width, dtype=dtype, device=dev)
         pos = torch.tensor(lengths)[:, None].repeat(1, nmax)
         real = torch.arange(nmax) < torch.tensor(n)[:, None]  # [B, nmax]
         for b, st in enumerate(sts):
@@ -262,7 +283,6 @@ class EagleDrafter(Drafter):
         ks = [min(self.top_k, b) for b in budgets]  # wider than the budget cannot pay: only `budget` nodes are kept
         kmax = max(ks)
         fk, fv, seen = self._catch_up(sts)  # the drafter cache grows with forwarded draft nodes, then is dropped
-        past = seen.shape[1]
         logp, toks = self.head.topk(torch.stack([st.last for st in sts]), kmax)
         # Per request, every drafted node: token, parent (-1 root), cumulative log-prob, depth.
         tokens = [row[:k] for row, k in zip(toks.tolist(), ks)]

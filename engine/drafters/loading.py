@@ -1,12 +1,15 @@
-"""Build a drafter from a directory (config.json + model.safetensors) or at random.
+"""Build a drafter from a directory or at random.
 
-The drafter shares the target's embedding and lm_head: in-process it takes the
-executor's tensors; elsewhere (a Ray drafter actor) it reads just those two
+The directory holds this project's layout (config.json with a ``kind`` + model.safetensors)
+or a published checkpoint (EAGLE-1/2, EAGLE-3, Medusa-1): engine/drafters/registry.py
+detects which, engine/drafters/published.py converts it. The drafter shares the target's
+embedding and lm_head (published Medusa-1 heads keep their own lm_heads): in-process it
+takes the executor's tensors; elsewhere (a Ray drafter actor) it reads just those two
 tensors from the target checkpoint.
 """
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import os
 
@@ -17,6 +20,8 @@ from engine.config import EngineConfig, ModelConfig
 from engine.drafters.common import DraftHead, read_drafter
 from engine.drafters.eagle import EagleConfig, EagleDrafter, EagleModel
 from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
+from engine.drafters.published import convert
+from engine.drafters.registry import DrafterFormat, check_target, detect_format
 from engine.fused import FusedMedusa, FusedModel
 from engine.parallel import pack_cpu_weights
 from engine.runner import DTYPES
@@ -48,11 +53,8 @@ def default_drafter(model: str, device: str = "cpu", draft_path: str | None = No
 
 
 def read_drafter_kind(path: str) -> str:
-    with open(os.path.join(path, "config.json")) as f:
-        kind = json.load(f).get("kind")
-    if kind not in ("eagle", "medusa"):
-        raise ValueError(f"{path}/config.json names no drafter kind (eagle or medusa): {kind!r}")
-    return kind
+    """The kind of the drafter at ``path``, in any format ``detect_format`` knows."""
+    return detect_format(path).kind
 
 
 def target_embed_and_head(model_dir: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +93,24 @@ def cap_draft_vocab(ids: torch.Tensor | None, config: dict, cap: int | None, pat
     return ids[:cap]
 
 
+def draft_format(cfg: EngineConfig) -> str:
+    """The format name of the drafter ``cfg`` (resolved) loads: a registry format, or "random"."""
+    path = resolve_draft_path(cfg)
+    return "random" if path == RANDOM else detect_format(path).name
+
+
 def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0):
-    """An EagleDrafter or MedusaDrafter for ``cfg.drafter`` (in the executor's dtype when given)."""
+    """``build_drafter``'s drafter, its ``format`` set (what /v1/models and the CLI report)."""
+    drafter = build_drafter(cfg, model_dir, executor, seed)
+    drafter.format = draft_format(cfg.resolve(getattr(executor, "dtype", None)))
+    return drafter
+
+
+def build_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0):
+    """A drafter for ``cfg.drafter`` (in the executor's dtype when given): an EagleDrafter,
+    MedusaDrafter or (eagle3) Eagle3Drafter, from ``cfg.draft_path`` in any format
+    ``registry.detect_format`` knows, or "random". ValueError when the directory holds another
+    kind, or a drafter whose sizes do not fit the target."""
     cfg = cfg.resolve(getattr(executor, "dtype", None))
     if cfg.drafter == "off":
         raise ValueError("drafter=off: no drafter to load")
@@ -104,7 +122,14 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
     device = embed.device if shared is not None else torch.device(cfg.device)
     target = ModelConfig.from_path(model_dir)
     path = resolve_draft_path(cfg)
-    if path == RANDOM:
+    fmt = None if path == RANDOM else detect_format(path)
+    if fmt is not None:
+        if fmt.kind != cfg.drafter:
+            raise ValueError(f"{path} holds a {fmt.kind} drafter ({fmt.name} format), not {cfg.drafter}")
+        check_target(fmt, target)
+    if cfg.drafter == "eagle3":
+        return _load_eagle3(cfg, fmt, target, embed, dtype, device, seed)
+    if fmt is None:
         torch.manual_seed(seed)
         if cfg.drafter == "eagle":
             model = EagleModel(EagleConfig.from_target(target), dtype)
@@ -112,17 +137,17 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
             model = MedusaModel(MedusaConfig(target.hidden_size, target.vocab_size), dtype)
         state_ids = None
     else:
-        config, state = read_drafter(path)
-        if config.get("kind") != cfg.drafter:
-            raise ValueError(f"{path} holds a {config.get('kind')} drafter, not {cfg.drafter}")
-        if config["hidden_size"] != target.hidden_size or config["vocab_size"] != target.vocab_size:
-            raise ValueError(f"drafter {path} does not match the target model's hidden size / vocabulary")
+        config, state = convert(fmt, target) if fmt.published else read_drafter(path)
         state_ids = cap_draft_vocab(state.pop("draft_vocab_ids", None), config, cfg.draft_vocab_size, path)
         if cfg.drafter == "eagle":
             model = EagleModel(EagleConfig.from_dict(config), dtype)
         else:
             model = MedusaModel(MedusaConfig.from_dict(config), dtype)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        try:
+            model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        except RuntimeError as exc:  # a size mismatch: one line, naming the tensors
+            raise ValueError(f"{path}: its {fmt.name} weights do not fit a {cfg.drafter} drafter: "
+                             f"{' '.join(str(exc).split())[:400]}") from None
     model = model.to(device)
     head = DraftHead(lm_head.detach().to(device, dtype), state_ids).to(device)
     cpu = device.type == "cpu"
@@ -136,5 +161,24 @@ def load_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 0
         fused = FusedModel.for_eagle(model, head.weight, int8=cfg.draft_int8, embed=embed) if cpu else None
         return EagleDrafter(model, embed, head, cfg.draft_top_k, cfg.draft_depth,
                             cfg.draft_min_prob, fused=fused)
-    fused = FusedMedusa.for_medusa(model, head.weight, int8=cfg.draft_int8) if cpu else None
+    fused = None
+    if cpu and model.lm_heads is not None:  # the fused kernel reads one shared head
+        log.info("drafter %s: Medusa heads with their own lm_heads draft on the torch path", path)
+    elif cpu:
+        fused = FusedMedusa.for_medusa(model, head.weight, int8=cfg.draft_int8)
     return MedusaDrafter(model, head, max_nodes=max(cfg.tree_budget, 1), fused=fused)
+
+
+def _load_eagle3(cfg: EngineConfig, fmt: DrafterFormat | None, target: ModelConfig, embed, dtype, device, seed):
+    """An EAGLE-3 drafter (engine/drafters/eagle3.py): published, or random for tests."""
+    if importlib.util.find_spec("engine.drafters.eagle3") is None:
+        raise ValueError("EAGLE-3 drafting is not wired yet (engine/drafters/eagle3.py)")
+    from engine.drafters import eagle3
+
+    if fmt is None:
+        torch.manual_seed(seed)
+        model = eagle3.Eagle3Model(eagle3.Eagle3Config.from_target(target), dtype)
+        return eagle3.eagle3_drafter(model, embed, dtype, device, cfg.draft_top_k, cfg.draft_depth,
+                                     cfg.draft_min_prob)
+    return eagle3.load_eagle3(fmt.path, fmt.config, target, embed, dtype, device, cfg.draft_top_k, cfg.draft_depth,
+                              cfg.draft_min_prob)

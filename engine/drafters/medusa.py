@@ -1,9 +1,9 @@
 """Medusa drafter: K heads on the target's last hidden state, no drafting loop.
 
 Head i is a stack of residual SiLU blocks (one in Medusa-1; ``num_layers``)
-followed by the shared lm_head; from the feature of the last committed token
-(whose lm_head output gave the pending token) it predicts the token i+1 places
-after the pending one. Candidates of every depth depend only on that one
+followed by the shared lm_head (published Medusa-1 heads: each its own, ``head_lm``);
+from the feature of the last committed token (whose lm_head output gave the pending
+token) it predicts the token i+1 places after the pending one. Candidates of every depth depend only on that one
 feature, so one forward of the heads drafts the whole tree: a list of paths of
 top-k ranks (engine/drafters/trees.py), chosen best-first by this step's head
 probabilities, or fixed (Medusa's "choices").
@@ -33,6 +33,8 @@ class MedusaConfig:
     draft_vocab_size: int | None = None
     draft_vocab_order: str = "id"  # "frequency": draft_vocab_ids most frequent first (prefixes are top-N sets)
     rank_acc: list | None = None  # measured [head][rank] top-k accuracy; shapes the default tree
+    head_lm: bool = False  # each head ends in its own lm_head [V, H] (published Medusa-1), not the target's
+    choices: list | None = None  # the fixed tree the heads ship with (Medusa paths); None: per-step trees
 
     def to_dict(self) -> dict:
         return {"kind": "medusa", **self.__dict__}
@@ -64,6 +66,8 @@ class MedusaModel(nn.Module):
         self.cfg = cfg
         self.heads = nn.ModuleList(nn.Sequential(*(ResBlock(cfg.hidden_size, dtype) for _ in range(cfg.num_layers)))
                                    for _ in range(cfg.num_heads))
+        self.lm_heads = (nn.ModuleList(nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+                                       for _ in range(cfg.num_heads)) if cfg.head_lm else None)
 
     @staticmethod
     def upgrade_state(state: dict) -> dict:
@@ -77,9 +81,15 @@ class MedusaModel(nn.Module):
         """hidden [..., H] -> per-head features [K, ..., H] (apply the lm_head after)."""
         return torch.stack([head(hidden) for head in self.heads])
 
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per-head features [K, ..., H] -> logits [K, ..., V], each through its head's own
+        lm_head (``head_lm``)."""
+        return torch.stack([linear(lm, f) for lm, f in zip(self.lm_heads, feats)])
+
 
 class MedusaDrafter(Drafter):
-    """Medusa heads with a per-step tree (default) or a fixed one (``choices``).
+    """Medusa heads with a per-step tree (default) or a fixed one (``choices``, else the
+    tree the heads ship with, ``MedusaConfig.choices``: published Medusa-1 heads).
 
     Per-step tree: the same best-first expansion as the static tree (trees.best_tree),
     but ranked by this step's head probabilities instead of the heads' average rank
@@ -97,6 +107,9 @@ class MedusaDrafter(Drafter):
         self.fused = fused  # engine.fused.FusedMedusa of model + head, or None (torch)
         cfg = model.cfg
         self.dynamic = choices is None if dynamic is None else dynamic
+        if choices is None and cfg.choices:  # the heads' own fixed tree, as deep as there are heads
+            choices = [c for c in cfg.choices if len(c) <= cfg.num_heads][:max_nodes]
+            self.dynamic = bool(dynamic)
         if choices is None:
             choices = (best_tree(cfg.rank_acc, max_nodes) if cfg.rank_acc
                        else default_medusa_tree(cfg.num_heads, max_nodes))
@@ -125,7 +138,9 @@ class MedusaDrafter(Drafter):
             if self.fused is not None:  # blocks and head in one C call
                 logits = self.fused.run(h.unsqueeze(0))[1]  # [K, Vd]
             else:
-                logits = self.head.logits(self.model(h.to(self.head.weight).unsqueeze(0))[:, 0]).float()
+                feats = self.model(h.to(self.head.weight).unsqueeze(0))[:, 0]  # [K, H]
+                logits = (self.head.logits(feats) if self.model.lm_heads is None
+                          else self.model.head_logits(feats)).float()
             if self.dynamic:
                 k = min(budget, MAX_WIDTH, self.head.weight.shape[0])  # a tiny vocabulary caps the width
                 logp, cand = self.head.topk_lists(logits, k)  # [K][k]

@@ -14,6 +14,19 @@ DEFAULT_RANK_ACC = [0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013, 0.01, 0.
 DEPTH_DECAY = 0.8
 
 
+# The 63-node tree Medusa's authors use for their Vicuna-7B heads (depth <= 4), copied from
+# FasterDecoding/Medusa, medusa/model/medusa_choices.py ``mc_sim_7b_63``: the default fixed
+# tree of published Medusa-1 heads (engine/drafters/published.py), its first tree_budget paths.
+MC_SIM_7B_63 = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5], [0, 0, 1],
+    [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9], [1, 0, 0],
+    [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6],
+    [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2],
+    [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1],
+    [1, 6], [0, 7, 0],
+]
+
+
 def chain(n: int) -> list[list[int]]:
     """A chain of n nodes: the top-1 candidate at every depth."""
     return [[0] * d for d in range(1, n + 1)]
