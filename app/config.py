@@ -150,6 +150,10 @@ def _convert(name: str, value, hint):
             return int(str(value)) if isinstance(value, str) else int(value)
         if target is float:
             return float(value)
+        if typing.get_origin(target) is tuple:  # ints: "2,15,27" on a command line, a list in YAML
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(str(i).strip()) for i in items)
         return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"argument {name}={value!r} is not a valid {target.__name__}") from None
+        what = "list of ints" if typing.get_origin(target) is tuple else target.__name__
+        raise ValueError(f"argument {name}={value!r} is not a valid {what}") from None

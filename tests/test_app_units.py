@@ -58,10 +58,17 @@ def test_device_dependent_defaults():
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
     ({"tree_budget": -1}, "tree_budget"),
     ({"feature_transport": "gloo"}, "feature_transport must be one of"),
+    ({"feature_layers": "2,x"}, "not a valid list of ints"),
+    ({"cuda_graphs": "maybe"}, "cuda_graphs must be one of"),
 ])
 def test_app_args_rejected_with_a_reason(args, match):
     with pytest.raises(ValueError, match=match):
         AppConfig.from_args(args)
+
+
+def test_list_arguments_from_the_command_line_and_yaml():
+    assert AppConfig.from_args({"feature_layers": "2,15,27"}).engine.feature_layers == (2, 15, 27)
+    assert AppConfig.from_args({"feature_layers": [3, 4]}).engine.feature_layers == (3, 4)
 
 
 def test_builder_options():

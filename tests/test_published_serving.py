@@ -1,0 +1,96 @@
+"""The served app with published drafters: an EAGLE-3 and a Medusa-1 directory, as their
+authors lay them out, behind `serve run app:deployment draft_path=...`, asked with the
+official openai client. Oracle: at temperature 0 the answer equals the target's plain
+greedy decoding in process (speculation is lossless); /v1/models names the drafter's
+kind and format, and the replica reports its drafter healthy and drafting.
+"""
+import json
+import os
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+from safetensors.torch import save_file
+
+from engine.build import build_engine
+from engine.config import EngineConfig, ModelConfig
+from engine.sampling import SamplingParams
+from test_eagle3 import published_eagle3
+from test_published_drafters import medusa_weights, target, write_medusa  # noqa: F401 (target: a fixture)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory, target):  # noqa: F811 (the imported fixture)
+    root = tmp_path_factory.mktemp("published-served")
+    eagle3 = str(root / "eagle3")
+    os.makedirs(eagle3)
+    config, state = published_eagle3(ModelConfig.from_path(target), draft_vocab=2000, seed=7)
+    with open(os.path.join(eagle3, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(eagle3, "model.safetensors"))
+    medusa = write_medusa(str(root / "medusa"), medusa_weights(5))
+    return {"eagle3": eagle3, "medusa": medusa}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port = _free_port()
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=8, configure_logging=False, log_to_driver=False, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def plain_answer(target: str, max_tokens: int) -> str:
+    engine = build_engine(EngineConfig(model=target, dtype="float32", drafter="off"))
+    prompt = engine.tokenize_chat(QUESTION)
+    out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens))[0]
+    return out.seq.output_text
+
+
+@pytest.mark.parametrize("kind, fmt", [("eagle3", "eagle3"), ("medusa", "medusa1")])
+def test_served_published_drafter_answers_like_plain_decoding(cluster, target, drafters, kind, fmt):  # noqa: F811
+    from app import deployment
+
+    app = deployment({"model": target, "draft_path": drafters[kind], "dtype": "float32", "tree_budget": "8",
+                      "draft_min_prob": "0", "torch_threads": "2", "report_interval_s": "0.5"})
+    serve.run(app, name=kind, route_prefix=f"/{kind}")
+    base = f"{cluster}/{kind}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "the application never became healthy"
+        time.sleep(0.5)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        (card,) = client.models.list().data
+        assert card.model_extra["drafter"]["kind"] == kind and card.model_extra["drafter"]["format"] == fmt
+        reply = client.chat.completions.create(model=card.id, messages=QUESTION, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == plain_answer(target, 16)
+        while not (reps := httpx.get(base + "/v1/speculation", timeout=10).json()["replicas"]):
+            assert time.time() < deadline + 60, "no replica reported to the router"
+            time.sleep(0.5)
+        (rep,) = reps.values()
+        assert rep["load"]["drafter"] == kind and rep["load"]["drafter_format"] == fmt
+        assert rep["load"]["drafter_healthy"]
+    finally:
+        serve.delete(kind)
