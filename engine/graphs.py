@@ -25,11 +25,13 @@ a long forward).
 from __future__ import annotations
 
 import bisect
+import logging
 
 import torch
 
 from engine.batch import ModelInput, ModelOutput
 
+log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # rows per sequence: the pending token + its draft tree
 
@@ -111,7 +113,13 @@ class GraphForward:
         if self.capture:
             graph = self.graphs.get(bucket)
             if graph is None:
-                graph = self.graphs[bucket] = _Graph(self.eager, padded, kv_cache)
+                try:
+                    graph = self.graphs[bucket] = _Graph(self.eager, padded, kv_cache)
+                except Exception as exc:  # serve on without graphs rather than fail the step
+                    log.warning("CUDA graph capture of bucket %s failed (%s); running eagerly from now on",
+                                bucket, exc)
+                    self.capture = False
+                    return self.eager.forward(inp, kv_cache)
             logits, hidden = graph.run(padded)
         else:
             out = self.eager.forward(padded, kv_cache)
