@@ -102,6 +102,29 @@ def random_llama_dir(path: str, *, heads=6, kv_heads=2, hidden=96, layers=2, voc
 # ------------------------------------------------------------------------------ served apps
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 180) -> None:
+    """Wait until a served application's /health answers 200; fail (never hang) past timeout."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"{url} never became healthy"
+        time.sleep(0.5)
+
+
 def replica_status(base: str) -> dict:
     """The LLM replica's state as /health reports it (engine load, active requests, decision)."""
     import httpx

@@ -8,7 +8,6 @@ httpx for the bad-input matrix, overload and disconnects.
 import gzip
 import http.server
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import replica_status, wait_replica_idle
+from conftest import free_port, replica_status, wait_healthy, wait_replica_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 CONTEXT = 512
@@ -90,18 +89,12 @@ class OTLPReceiver:
         self.server.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     from app import deployment
 
     receiver = OTLPReceiver()
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=8, configure_logging=False, log_to_driver=False, _metrics_export_port=metrics_port)
@@ -115,15 +108,7 @@ def served():
                           "otlp_endpoint": receiver.endpoint, "trace_export_delay_ms": "200"})
         serve.run(app, name="treespec", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the application never became healthy"
-            time.sleep(0.5)
+        wait_healthy(base, timeout=120)
         yield {"base": base, "receiver": receiver, "ray_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
                "openai": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)}
     finally:
@@ -318,10 +303,7 @@ def tight(served):
                           "torch_threads": "2", "router": "false", "drafter": "eagle", "draft_path": "random",
                           "tree_budget": "8"}), name="tight", route_prefix="/tight")
     base = served["base"] + "/tight"
-    deadline = time.time() + 120
-    while httpx.get(base + "/health", timeout=10).status_code != 200:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_healthy(base, timeout=120)
     yield base
     serve.delete("tight")
 

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import time
 
 import httpx
@@ -27,36 +26,18 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import replica_status, wait_replica_idle
+from conftest import free_port, replica_status, wait_healthy, wait_replica_idle
 
 CONTEXT = 256
 SOAK_RATE = 0.8  # req/s of 8 tokens: below what this replica (ray executor, random drafter, 1 thread) sustains
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, f"{url} never became healthy"
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def served():
     from app import deployment
 
-    port = _free_port()
+    port = free_port()
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=16, configure_logging=False, log_to_driver=False, include_dashboard=False)
@@ -68,7 +49,7 @@ def served():
                           "report_interval_s": "0.5", "torch_threads": "1"})
         serve.run(app, name="rel", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base)
+        wait_healthy(base)
         yield {"base": base, "port": port}
     finally:
         serve.shutdown()
@@ -318,7 +299,7 @@ def test_graceful_shutdown_ends_in_flight_requests(served):
                       "kv_cache_gib": "0.05", "torch_threads": "1", "drafter": "off"})
     serve.run(app, name="victim", route_prefix="/victim")
     url = served["base"] + "/victim"
-    _wait_healthy(url)
+    wait_healthy(url)
     t0 = time.perf_counter()
     results = _in_flight(url, 4, 150, lambda: serve.delete("victim", _blocking=True), delay=2.0)
     assert time.perf_counter() - t0 < 100

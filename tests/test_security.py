@@ -20,7 +20,8 @@ from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, par
 from app.security import (KEYS_ENV, KEYS_FILE_ENV, APIKeys, Guard, GuardSettings, api_keys_configured,
                           guard_settings, load_api_keys)
 from conftest import replica_status, wait_replica_idle
-from test_app_serving import MODEL, QUESTION, OTLPReceiver, _free_port
+from conftest import free_port
+from test_app_serving import MODEL, QUESTION, OTLPReceiver
 
 KEYS = ("tsk-" + secrets.token_hex(16), "tsk-" + secrets.token_hex(16))
 WRONG = "tsk-" + secrets.token_hex(16)
@@ -249,7 +250,7 @@ def keyed():
     from app import deployment
 
     receiver = OTLPReceiver()
-    port = _free_port()
+    port = free_port()
     saved = {k: os.environ.pop(k, None) for k in (KEYS_ENV, KEYS_FILE_ENV)}
     os.environ[KEYS_ENV] = ",".join(KEYS)
     if ray.is_initialized():

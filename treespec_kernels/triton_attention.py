@@ -65,6 +65,22 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale,
 
 
 @triton.jit
+def _query_tile(q_ptr, stride_qn, stride_qh, q_start, n_new, rows, kv_head,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A sequence's query rows for one KV head: row r is query token r // GROUP, query head
+    kv_head * GROUP + r % GROUP. Returns (tok, head, row_valid, offs_d, d_valid, q_rows, q)."""
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = tok < n_new
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    return tok, head, row_valid, offs_d, d_valid, q_rows, q
+
+
+@triton.jit
 def _new_tokens_step(acc, m_i, l_i, q, col, n_new, prefix, tok, q_rows, row_valid,
                      k_cache_ptr, v_cache_ptr, bt_ptr, mask_ptr, stride_mask, offs_d, d_valid,
                      kv_head, block_size, stride_cb, stride_cs, stride_ch, qk_scale,
@@ -108,16 +124,9 @@ def _tree_attention_kernel(
     prefix = tl.load(ctx_ptr + seq)
     bt_ptr += seq.to(tl.int64) * stride_bt
 
-    # Row r of the tile is query token r // GROUP, query head kv_head * GROUP + r % GROUP.
     rows = row0 + tl.arange(0, BLOCK_M)
-    tok = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_valid = tok < n_new
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    tok, head, row_valid, offs_d, d_valid, q_rows, q = _query_tile(
+        q_ptr, stride_qn, stride_qh, q_start, n_new, rows, kv_head, GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from treespec_kernels.tree import pack_mask
-from treespec_kernels.triton_attention import _load_kv, _new_tokens_step, _online_softmax_step
+from treespec_kernels.triton_attention import _load_kv, _new_tokens_step, _online_softmax_step, _query_tile
 
 DECODE_MAX_ROWS = 128  # largest Q tile (new rows x GQA group) the decode kernel takes
 TARGET_PROGRAMS_PER_SM = 2  # split until B * n_kv * S reaches this many programs per SM
@@ -68,15 +68,9 @@ def _decode_attention_kernel(
     prefix = tl.load(ctx_ptr + seq)
     bt_ptr += seq.to(tl.int64) * stride_bt
 
-    rows = tl.arange(0, BLOCK_M)
-    tok = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_valid = tok < n_new
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    tok, head, row_valid, offs_d, d_valid, q_rows, q = _query_tile(
+        q_ptr, stride_qn, stride_qh, q_start, n_new, tl.arange(0, BLOCK_M), kv_head,
+        GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -30,8 +30,6 @@ vocab_size, ``draft_vocab_size``, optional ``target_hidden_size``, layer ids: se
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -312,40 +310,16 @@ def eagle3_drafter(model: Eagle3Model, embed: torch.Tensor | None, dtype, device
     return Eagle3Drafter(model, embed, head, top_k, depth, min_prob, fused=None)
 
 
-def read_eagle3(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, state dict) of a published EAGLE-3 directory: model.safetensors or pytorch_model.bin."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"EAGLE-3 drafter directory {path!r} has no config.json")
-    with open(cfg_file) as f:
-        config = json.load(f)
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        return config, load_file(st)
-    if os.path.exists(pt):
-        return config, torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"EAGLE-3 drafter directory {path!r} has neither model.safetensors nor pytorch_model.bin")
-
-
-def load_eagle3(path_or_state: str | dict, config: dict | None, target: ModelConfig, embed: torch.Tensor | None,
+def load_eagle3(state: dict, config: dict, target: ModelConfig, embed: torch.Tensor | None,
                 dtype=torch.float32, device="cpu", top_k: int = 10, depth: int = 8,
                 min_prob: float = 0.0) -> Eagle3Drafter:
     """A published EAGLE-3 drafter, ready to draft for ``target``.
 
-    path_or_state: its directory (config.json + weights; ``config`` may then be None) or a
-        state dict with ``config`` its config.json as a dict.
+    state, config: its weights and config.json (engine/drafters/published.py ``read_weights``
+        and the registry's ``DrafterFormat.config``).
     embed: the target's embedding weight [V, H] (used unless the checkpoint has its own).
     The target must capture ``eagle3_feature_layers(config, target)`` (EngineConfig.feature_layers).
     """
-    if isinstance(path_or_state, str):
-        file_config, state = read_eagle3(path_or_state)
-        config = config or file_config
-    else:
-        state = path_or_state
-        if config is None:
-            raise ValueError("load_eagle3 of a state dict needs its config.json as a dict")
     eagle3_feature_layers(config, target)  # fail here, not at the first step, when the target is too shallow
     model = eagle3_from_state(config, state, target, dtype)
     return eagle3_drafter(model, embed, dtype, device, top_k, depth, min_prob)

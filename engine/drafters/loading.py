@@ -9,7 +9,6 @@ tensors from the target checkpoint.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -20,7 +19,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.drafters.common import DraftHead, read_drafter
 from engine.drafters.eagle import EagleConfig, EagleDrafter, EagleModel
 from engine.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaModel
-from engine.drafters.published import convert
+from engine.drafters.published import convert, read_weights
 from engine.drafters.registry import DrafterFormat, check_target, detect_format
 from engine.fused import FusedMedusa, FusedModel
 from engine.parallel import pack_cpu_weights
@@ -171,8 +170,6 @@ def build_drafter(cfg: EngineConfig, model_dir: str, executor=None, seed: int = 
 
 def _load_eagle3(cfg: EngineConfig, fmt: DrafterFormat | None, target: ModelConfig, embed, dtype, device, seed):
     """An EAGLE-3 drafter (engine/drafters/eagle3.py): published, or random for tests."""
-    if importlib.util.find_spec("engine.drafters.eagle3") is None:
-        raise ValueError("EAGLE-3 drafting is not wired yet (engine/drafters/eagle3.py)")
     from engine.drafters import eagle3
 
     if fmt is None:
@@ -180,5 +177,6 @@ def _load_eagle3(cfg: EngineConfig, fmt: DrafterFormat | None, target: ModelConf
         model = eagle3.Eagle3Model(eagle3.Eagle3Config.from_target(target), dtype)
         return eagle3.eagle3_drafter(model, embed, dtype, device, cfg.draft_top_k, cfg.draft_depth,
                                      cfg.draft_min_prob)
-    return eagle3.load_eagle3(fmt.path, fmt.config, target, embed, dtype, device, cfg.draft_top_k, cfg.draft_depth,
+    state = read_weights(fmt, skip=())  # its own embedding, where it ships one, is its input embedding
+    return eagle3.load_eagle3(state, fmt.config, target, embed, dtype, device, cfg.draft_top_k, cfg.draft_depth,
                               cfg.draft_min_prob)
