@@ -1,4 +1,4 @@
-"""The served app with published drafters: an EAGLE-3 and a Medusa-1 directory, as their
+"""The served app and the CLI with published drafters: an EAGLE-3 and a Medusa-1 directory, as their
 authors lay them out, behind `serve run app:deployment draft_path=...`, asked with the
 official openai client. Oracle: at temperature 0 the answer equals the target's plain
 greedy decoding in process (speculation is lossless); /v1/models names the drafter's
@@ -6,7 +6,6 @@ kind and format, and the replica reports its drafter healthy and drafting.
 """
 import json
 import os
-import socket
 import time
 
 import httpx
@@ -16,19 +15,14 @@ import ray
 from ray import serve
 from safetensors.torch import save_file
 
+from conftest import free_port, wait_healthy
 from engine.build import build_engine
 from engine.config import EngineConfig, ModelConfig
 from engine.sampling import SamplingParams
 from test_eagle3 import published_eagle3
-from test_published_drafters import medusa_weights, target, write_medusa  # noqa: F401 (target: a fixture)
+from test_published_drafters import generate, medusa_weights, target, write_medusa  # noqa: F401 (target: a fixture)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def drafters(tmp_path_factory, target):  # noqa: F811 (the imported fixture)
 
 @pytest.fixture(scope="module")
 def cluster():
-    port = _free_port()
+    port = free_port()
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=8, configure_logging=False, log_to_driver=False, include_dashboard=False)
@@ -71,26 +65,28 @@ def test_served_published_drafter_answers_like_plain_decoding(cluster, target, d
                       "draft_min_prob": "0", "torch_threads": "2", "report_interval_s": "0.5"})
     serve.run(app, name=kind, route_prefix=f"/{kind}")
     base = f"{cluster}/{kind}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "the application never became healthy"
-        time.sleep(0.5)
+    wait_healthy(base)
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         (card,) = client.models.list().data
         assert card.model_extra["drafter"]["kind"] == kind and card.model_extra["drafter"]["format"] == fmt
         reply = client.chat.completions.create(model=card.id, messages=QUESTION, max_tokens=16, temperature=0)
         assert reply.choices[0].message.content == plain_answer(target, 16)
+        deadline = time.time() + 60
         while not (reps := httpx.get(base + "/v1/speculation", timeout=10).json()["replicas"]):
-            assert time.time() < deadline + 60, "no replica reported to the router"
+            assert time.time() < deadline, "no replica reported to the router"
             time.sleep(0.5)
         (rep,) = reps.values()
         assert rep["load"]["drafter"] == kind and rep["load"]["drafter_format"] == fmt
         assert rep["load"]["drafter_healthy"]
     finally:
         serve.delete(kind)
+
+
+@pytest.mark.parametrize("kind, fmt", [("eagle3", "eagle3"), ("medusa", "medusa1")])
+def test_cli_takes_a_published_directory_and_reports_its_format(target, drafters, kind, fmt):  # noqa: F811
+    r = generate("--model", target, "--speculation", kind, "--draft", drafters[kind], "--max-tokens", "8",
+                 "--prompt", "Hi", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["drafter"] == kind and out["draft_format"] == fmt and 1 <= out["tokens"] <= 8
