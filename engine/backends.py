@@ -19,10 +19,11 @@ import torch
 
 from engine.attention import resolve_attention_backend, upload
 from engine.batch import ModelInput, ModelOutput
-from engine.fused import FusedModel
+from engine.fused import FusedModel, target_fallback_reason
 
 log = logging.getLogger(__name__)
 _logged_feature_fallback = False  # choose_backend says once per process that feature capture skips the fused kernel
+_logged_fallbacks: set[str] = set()  # and once per reason why a target's layers do not fit it
 
 
 class ModelForward:
@@ -88,6 +89,11 @@ def choose_backend(model, device: torch.device, attention_backend: str = "auto",
                      "forward, not the fused CPU kernel", list(feature_layers))
         fused = False
     if fused and attention_backend == "auto" and device.type == "cpu":
+        reason = target_fallback_reason(model.config)
+        if reason and model.lm_head.weight.dtype == torch.bfloat16 and reason not in _logged_fallbacks:
+            _logged_fallbacks.add(reason)
+            log.info("the fused CPU kernel computes Llama's layer and %s: the target runs its torch forward",
+                     reason)
         packed = FusedModel.for_target(model)
         if packed is not None:
             return FusedCPUForward(packed, eager)

@@ -7,12 +7,18 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from engine.architectures import ARCHITECTURES, architecture_fields
 from engine.drafters.registry import KINDS
 
 
 @dataclass
 class ModelConfig:
-    """The Llama-architecture hyper-parameters the engine needs."""
+    """The hyper-parameters of a Llama-shaped decoder the engine needs.
+
+    architecture and the switches after it say which family's variant it is
+    (engine/architectures.py): biases on q/k/v and o_proj, an RMSNorm over each q/k head,
+    and the sliding window some layers use (None: none).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -28,9 +34,20 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    architecture: str = "LlamaForCausalLM"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, architecture: str | None = None) -> "ModelConfig":
+        """A config.json dict -> ModelConfig; engine.architectures.UnsupportedModel (a
+        ValueError naming it) for an architecture or setting the engine cannot honour.
+        architecture: read d as this one, whatever it names (a drafter's config.json describes
+        Llama-shaped layers under an architecture name of its own)."""
+        if architecture is not None:
+            d = {**d, "architectures": [architecture]}
         heads = d["num_attention_heads"]
         # transformers v5 writes "rope_parameters" (theta inside); v4 checkpoints use
         # "rope_theta" + "rope_scaling". Accept both.
@@ -54,6 +71,7 @@ class ModelConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
+            **architecture_fields(d),
         )
 
     @classmethod
@@ -63,6 +81,16 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+    @property
+    def family(self) -> str:
+        return ARCHITECTURES[self.architecture].family
+
+    @property
+    def max_context(self) -> int:
+        """The longest context served exactly: the positions, and the sliding window if the model
+        has one (attention runs over the whole context, equal to the window only within it)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     def validate_tp(self, world_size: int) -> None:
         """Raise ValueError unless ``world_size`` shards this model evenly."""
@@ -234,6 +262,12 @@ class EngineConfig:
             raise ValueError(
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"{model.max_position_embeddings} positions"
+            )
+        if self.max_model_len > model.max_context:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds this {model.family} model's sliding window of "
+                f"{model.sliding_window} tokens; attention over a window is not implemented, so contexts "
+                f"are served up to the window: set max_model_len <= {model.max_context}"
             )
 
 

@@ -121,8 +121,13 @@ class LLMEngine:
         num_blocks = kv_cache_blocks(config, executor)
         executor.allocate_kv(num_blocks, config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        # One sequence alone must always fit, or a long generation could wedge the cache.
-        self.max_model_len = min(config.max_model_len, num_blocks * config.block_size - 1)
+        # One sequence alone must always fit, or a long generation could wedge the cache; a model
+        # with a sliding window is served exactly up to its window (engine/architectures.py).
+        self.max_model_len = min(config.max_model_len, num_blocks * config.block_size - 1,
+                                 self.model_config.max_context)
+        if (self.model_config.sliding_window or config.max_model_len) < config.max_model_len:
+            log.warning("serving contexts up to %d tokens, this %s model's sliding window (max_model_len %d)",
+                        self.model_config.max_context, self.model_config.family, config.max_model_len)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.drafter = drafter
         self.drafter_healthy = drafter is not None  # false after a failure, until replaced
@@ -158,7 +163,7 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
                 f"(max_model_len {self.config.max_model_len}, KV cache {self.allocator.num_blocks} blocks "
-                f"of {self.config.block_size})"
+                f"of {self.config.block_size}, positions {self.model_config.max_context})"
             )
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt, params)

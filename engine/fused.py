@@ -83,6 +83,14 @@ def fused_disabled_reason(weight: torch.Tensor, world_size: int = 1, attention: 
     return cpu_fused.unsupported_reason()
 
 
+def target_fallback_reason(cfg) -> str | None:
+    """Why the kernel cannot run this target's layers (an engine.config.ModelConfig), or None.
+    The kernel computes Llama's layer: no projection biases, no per-head q/k norms."""
+    extras = [name for name, on in (("QKV biases", cfg.qkv_bias), ("an o_proj bias", cfg.o_bias),
+                                    ("q/k head norms", cfg.qk_norm)) if on]
+    return f"{cfg.family} has {' and '.join(extras)}" if extras else None
+
+
 def fused_kernel_available() -> bool:
     """Whether bf16 CPU models can run the fused kernel here (not disabled, a build fits)."""
     return os.environ.get("TREESPEC_CPU_KERNEL", "auto") != "torch" and cpu_fused.unsupported_reason() is None
@@ -306,9 +314,9 @@ class FusedModel(_Packed):
 
     @classmethod
     def for_target(cls, model, threads: int | None = None) -> "FusedModel | None":
-        """A bf16 engine.model.LlamaForCausalLM of world size 1, or None where it cannot run fused."""
+        """A bf16 engine.model.CausalLM of world size 1, or None where it cannot run fused."""
         cfg = model.config
-        if fused_disabled_reason(model.lm_head.weight, model.tp.world_size,
+        if target_fallback_reason(cfg) or fused_disabled_reason(model.lm_head.weight, model.tp.world_size,
                                  (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)):
             return None
         layers = [(L.self_attn.qkv_proj.weight, L.self_attn.o_proj.weight, L.mlp.gate_up_proj.weight,

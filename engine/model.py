@@ -1,4 +1,5 @@
-"""Llama-architecture decoder with tensor parallelism decided at build time.
+"""The Llama-shaped decoder every registered architecture builds (Llama, Mistral, Qwen2,
+Qwen3: engine/architectures.py), with tensor parallelism decided at build time.
 
 Shapes: the forward takes the new tokens of all sequences flattened,
 ``input_ids [N]`` and ``positions [N]``, plus AttentionMetadata, and returns the
@@ -100,10 +101,15 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, tp, dtype
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, tp, dtype,
+            bias=cfg.qkv_bias,
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp, dtype,
+                                        bias=cfg.o_bias)
+        # Qwen3: each head of q and k RMS-normalised over head_dim before RoPE (weights shared by heads)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
         self.k_cache = self.v_cache = None  # [num_blocks, block_size, n_kv_local, D], set by the runner
@@ -114,7 +120,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         cos_sin = cos_sin if cos_sin is not None else self.rope.cos_sin(positions, x.dtype)
         # q and k are adjacent in the fused projection: rotate them as one [n, H + Hkv, D] block.
-        qk = self.rope.rotate(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), cos_sin)
+        qk = qkv[:, : q_size + kv_size].view(n, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        qk = self.rope.rotate(qk, cos_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size:].view(n, self.num_kv_heads, self.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
@@ -148,7 +158,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
+class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
@@ -173,7 +183,7 @@ class LlamaModel(nn.Module):
         return self.norm(x), torch.cat([taps[i] for i in capture], dim=-1)
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     # HF checkpoint name -> (our parameter, shard id) for the fused projections.
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -188,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         tp = tp or TPGroup()
         cfg.validate_tp(tp.world_size)
         self.config, self.tp = cfg, tp
-        self.model = LlamaModel(cfg, tp, dtype)
+        self.model = Decoder(cfg, tp, dtype)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -39,10 +39,10 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
 
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ module.weight.T (+ module.bias), through the oneDNN-packed copy when
-    pack_cpu_weights made one."""
-    bias = getattr(module, "bias", None)
+def linear(module: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """x [..., in] @ module.weight.T (+ module.bias unless with_bias is false), through the
+    oneDNN-packed copy when pack_cpu_weights made one."""
+    bias = getattr(module, "bias", None) if with_bias else None
     packed = module.__dict__.get("packed_weight")
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -139,7 +139,8 @@ class QKVParallelLinear(nn.Module):
     rank r uses KV head ``r * num_kv_heads // world_size``.
     """
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup, dtype=None):
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup, dtype=None,
+                 bias: bool = False):
         super().__init__()
         self.tp, self.head_dim = tp, head_dim
         self.num_heads = num_heads // tp.world_size
@@ -151,6 +152,10 @@ class QKVParallelLinear(nn.Module):
         rows = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         self.weight = nn.Parameter(torch.empty(rows, hidden, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:  # Qwen2: sliced with the weight's rows, by the same loader
+            self.bias = nn.Parameter(torch.empty(rows, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param, source, shard_id: str):
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -167,9 +172,10 @@ class QKVParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split; partial sums are all-reduced here."""
+    """y = x W^T (+ b) with W's input columns split; partial sums are all-reduced here. The
+    bias is replicated and added by rank 0 alone, so the sum counts it once."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype=None):
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype=None, bias: bool = False):
         super().__init__()
         if in_features % tp.world_size:
             raise ValueError(f"{in_features} input features do not split over {tp.world_size} ranks")
@@ -177,13 +183,17 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = in_features // tp.world_size
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = replicated_loader
 
     def weight_loader(self, param, source, shard_id=None):
         start = self.tp.rank * self.in_per_rank
         _copy(param, _cols(source, start, start + self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(self, x))
+        return self.tp.all_reduce(linear(self, x, with_bias=self.tp.rank == 0))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -2,7 +2,7 @@
 
 ``python -m engine.plan --model llama-3-70b --tp 4 --gpu-mem-gib 80 --batch 128 --tree 64``
 
-The model is built exactly as the engine builds it (``ModelRunner`` -> ``LlamaForCausalLM``
+The model is built exactly as the engine builds it (``ModelRunner`` -> ``CausalLM``
 with a ``TPGroup(rank, world)`` per rank) but on the meta device, so no memory is used
 and the figures are the engine's own: weight bytes are the parameters of each rank's
 shard, KV bytes per block come from ``ModelRunner.kv_bytes_per_block``. Per rank::
@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+from engine.architectures import UnsupportedModel
 from engine.config import ModelConfig
 from engine.kv_cache import kv_blocks_for_memory
 from engine.parallel import TPGroup
@@ -37,33 +38,62 @@ from engine.runner import DTYPES, ModelRunner
 
 GIB = 2**30
 
-# Public architecture numbers (the models' config.json on their model cards).
+def _llama(**fields) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, **fields}
+
+
+# The config.json of public checkpoints (their model cards' numbers), read like any other.
 PRESETS = {
-    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-                        bos_token_id=128000, eos_token_id=[128001, 128009]),
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-                       bos_token_id=128000, eos_token_id=[128001, 128009]),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=[2]),
+    "llama-3-70b": _llama(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                          max_position_embeddings=8192, bos_token_id=128000, eos_token_id=[128001, 128009]),
+    "llama-3.1-70b": _llama(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                            max_position_embeddings=131072, bos_token_id=128000,
+                            eos_token_id=[128001, 128008, 128009]),
+    "llama-3-8b": _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                         max_position_embeddings=8192, bos_token_id=128000, eos_token_id=[128001, 128009]),
+    "qwen2.5-72b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                    "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 70,
+                    "bos_token_id": 151643, "eos_token_id": 151645},
+    "qwen3-32b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                  "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+                  "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                  "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                  "bos_token_id": 151643, "eos_token_id": 151645},
+    "mistral-large-2407": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+                           "vocab_size": 32768, "hidden_size": 12288, "intermediate_size": 28672,
+                           "num_hidden_layers": 88, "num_attention_heads": 96, "num_key_value_heads": 8,
+                           "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                           "max_position_embeddings": 131072, "sliding_window": None,
+                           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    "smollm2-135m": _llama(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                           max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
 PRESETS["default"] = PRESETS["smollm2-135m"]
 
 
 def model_config(model: str) -> ModelConfig:
-    """A preset name, a checkpoint directory or a config.json path -> ModelConfig."""
+    """A preset name, a checkpoint directory or a config.json path (any registered
+    architecture: engine/architectures.py) -> ModelConfig."""
     if model.lower() in PRESETS:
-        return ModelConfig(**PRESETS[model.lower()])
+        return ModelConfig.from_dict(PRESETS[model.lower()])
     if os.path.isdir(model) or os.path.isfile(model):
         try:
             return ModelConfig.from_path(model)
+        except UnsupportedModel:
+            raise
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"cannot read a Llama config from {model}: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"cannot read a model config from {model}: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown model {model!r}: use a config.json path, a checkpoint directory or one of "
                      f"{', '.join(sorted(PRESETS))}")
 

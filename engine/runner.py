@@ -12,7 +12,7 @@ from engine.batch import ModelInput, ModelOutput, SamplingInput, SeqInput, StepO
 from engine.config import ModelConfig
 from engine.graphs import ROW_BUCKETS, GraphForward
 from engine.kv_cache import kv_blocks_for_memory
-from engine.model import LlamaForCausalLM
+from engine.model import CausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
 from engine.verify import verify_step
 from engine.weights import load_weights
@@ -74,7 +74,7 @@ class ModelRunner:
         self.dtype = DTYPES[dtype]
         self.config = config or ModelConfig.from_path(model_dir)
         with torch.device(self.device):
-            self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
+            self.model = CausalLM(self.config, self.tp, self.dtype)
         if load:
             load_weights(self.model, model_dir)
         self.model.eval()

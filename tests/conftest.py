@@ -82,19 +82,34 @@ def chat_prompts(tokenizer) -> list[list[int]]:
 def random_llama_dir(path: str, *, heads=6, kv_heads=2, hidden=96, layers=2, vocab=320, tie=False,
                      rope_scaling=None, seed=0) -> str:
     """A small random LlamaForCausalLM saved as an HF safetensors checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return random_model_dir(path, "llama", heads=heads, kv_heads=kv_heads, hidden=hidden, layers=layers,
+                            vocab=vocab, tie=tie, rope_scaling=rope_scaling, seed=seed)
 
+
+def random_model_dir(path: str, family: str = "llama", *, heads=6, kv_heads=2, hidden=96, layers=2, vocab=320,
+                     tie=False, rope_scaling=None, seed=0, **extra) -> str:
+    """A small random checkpoint of a transformers family ("llama", "mistral", "qwen2", "qwen3"),
+    saved by transformers' own model class. extra: more config fields (sliding_window, ...).
+    Biases and the per-head q/k norms (Qwen2/Qwen3) are randomised too, so they matter."""
+    import transformers
+
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = getattr(transformers, f"{name}Config")(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        rope_theta=10000.0, tie_word_embeddings=tie, rope_scaling=rope_scaling, eos_token_id=vocab - 1,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=tie, rope_scaling=rope_scaling,
+        bos_token_id=0, eos_token_id=vocab - 1, **extra,
     )
-    model = LlamaForCausalLM(cfg)
+    model = getattr(transformers, f"{name}ForCausalLM")(cfg)
     with torch.no_grad():  # default init is tiny; widen it so logits differ meaningfully
-        for p in model.parameters():
+        for n, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif n.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -42,18 +42,21 @@ def test_default_model_matches_engine_allocation(default_dir, dtype):
     assert eng.allocator.num_blocks == int(0.05 * GIB // p["kv_bytes_per_block"])
     # The preset is the default checkpoint's architecture.
     real = ModelConfig.from_path(default_dir)
-    preset = ModelConfig(**PRESETS["default"])
+    preset = ModelConfig.from_dict(PRESETS["default"])
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta"):
         assert getattr(real, f) == getattr(preset, f), f
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("tp", [1, 2, 6])
-def test_random_config_sharded_matches_each_rank(tmp_path, tp):
-    from conftest import random_llama_dir
+def test_random_config_sharded_matches_each_rank(tmp_path, tp, family):
+    """Any config.json of a registered family: Qwen2's QKV biases are split with their rows,
+    Qwen3's q/k norms replicated on every rank."""
+    from conftest import random_model_dir
     from engine.parallel import TPGroup
 
-    d = random_llama_dir(str(tmp_path / "m"), heads=6, kv_heads=2, hidden=96, layers=2, vocab=320)
+    d = random_model_dir(str(tmp_path / "m"), family, heads=6, kv_heads=2, hidden=96, layers=2, vocab=320)
     p = plan(d, tp=tp, dtype="float32", gpu_mem_gib=1, batch=2, tree=8, context=256, reserve_gib=0)
     cfg = ModelConfig.from_path(d)
     per_rank = []
@@ -162,6 +165,22 @@ def test_70b_plan_cli():
     assert table.returncode == 0 and "weights per shard" in table.stdout and "max batch" in table.stdout
 
 
+# Parameter counts the model cards publish (billions, rounded as there).
+PUBLISHED_PARAMS = {"llama-3-70b": 70.6, "llama-3.1-70b": 70.6, "qwen2.5-72b": 72.7, "qwen3-32b": 32.8,
+                    "mistral-large-2407": 122.6}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED_PARAMS)
+def test_70b_class_presets(preset):
+    """Each preset is read as its family and sized like the published checkpoint."""
+    p = plan(preset, tp=8, gpu_mem_gib=80, batch=32, tree=64, context=8192)
+    assert abs(p["params"] / 1e9 - PUBLISHED_PARAMS[preset]) < 0.06
+    cfg = ModelConfig.from_dict(PRESETS[preset])
+    assert cfg.architecture == PRESETS[preset]["architectures"][0] and cfg.sliding_window is None
+    assert p["kv_bytes_per_token_per_shard"] == cfg.num_hidden_layers * 2 * 1 * cfg.head_dim * 2  # 1 of 8 KV heads
+    assert p["fits"]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "nope"], "unknown model"),
     (["--model", "llama-3-70b", "--tp", "3"], "tp=3"),
@@ -171,6 +190,7 @@ def test_70b_plan_cli():
     (["--dtype", "int3"], "dtype"),
     (["--mem-util", "1.5"], "mem-util"),
     (["--context", "100000"], "positions"),
+    (["--model", "qwen2.5-72b", "--tp", "3"], "tp=3"),
 ])
 def test_bad_args_one_line_error(capsys, argv, needle):
     assert main(argv) != 0

@@ -66,7 +66,7 @@ class Eagle3Config:
         if d.get("num_hidden_layers", 1) != 1:
             raise ValueError(f"EAGLE-3 drafter config: num_hidden_layers={d['num_hidden_layers']}; "
                              "only the one-midlayer architecture is supported")
-        target = ModelConfig.from_dict({"num_hidden_layers": 1, **d})  # heads, head_dim, rope: read as a target's
+        target = ModelConfig.from_dict({"num_hidden_layers": 1, **d}, "LlamaForCausalLM")  # heads, head_dim, rope: read as a target's
         ids = aux_layer_ids(d)
         return cls(
             hidden_size=target.hidden_size, num_attention_heads=target.num_attention_heads,
