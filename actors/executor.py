@@ -179,6 +179,9 @@ class RayExecutor(Executor):
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self._call("allocate_kv", num_blocks, block_size)
 
+    def warm_up(self, max_seqs: int, rows_per_seq: int, prefill_rows: int) -> None:
+        self._call("warm_up", max_seqs, rows_per_seq, prefill_rows)  # all ranks: their forwards all-reduce
+
     def execute(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
         arg = pack_step(inp, sampling)
         if self.tp > 1 and not self.failed:

@@ -106,6 +106,9 @@ class TargetShard:
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self.runner.allocate_kv(num_blocks, block_size)
 
+    def warm_up(self, max_seqs: int, rows_per_seq: int, prefill_rows: int) -> list:
+        return self.runner.warm_up(max_seqs, rows_per_seq, prefill_rows)
+
     def execute(self, packed: tuple, keep_features: bool = False) -> tuple | None:
         """packed: pack_step(ModelInput, SamplingInput). Every rank runs the forward; rank 0
         verifies and samples and returns pack_output(StepOutput), the others None.

@@ -44,9 +44,10 @@ from engine.engine import LLMEngine  # noqa: E402
 from engine.executor import InProcessExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
-TOY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=10000.0,
-           tie_word_embeddings=False, bos_token_id=1, eos_token_id=[319])
+TOY = dict(architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=128, intermediate_size=256,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+           max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+           eos_token_id=[319])
 
 
 def random_checkpoint(path: str, cfg: dict, seed: int = 0) -> str:
@@ -162,7 +163,7 @@ class DryRunMemory:
 def kv_profile(device: str, model: dict, workdir: str) -> dict:
     from engine.plan import plan
 
-    executor = InProcessExecutor(None, "bfloat16", device, config=ModelConfig(**model), load=False)
+    executor = InProcessExecutor(None, "bfloat16", device, config=ModelConfig.from_dict(model), load=False)
     cfg = EngineConfig(model="default", dtype="bfloat16", device=device, drafter="off", tree_budget=16,
                        lookup_tokens=0, max_num_seqs=16, max_num_batched_tokens=512)
     if device == "cpu":  # the dry run: a stand-in device of 4 GiB, nothing resident, no activations
@@ -210,26 +211,34 @@ def figures(device: str, model: dict, batches: list[int], new_tokens: int) -> di
     from engine.batch import SeqInput, build_model_input
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    executor = InProcessExecutor(None, "bfloat16", device, config=ModelConfig(**model), load=False)
+    executor = InProcessExecutor(None, "bfloat16", device, config=ModelConfig.from_dict(model), load=False)
     runner = executor.runner
     with torch.no_grad():
         for p in runner.model.parameters():
             p.normal_(0, 0.02)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     out = {"weight_gb": round(weight_bytes / 1e9, 2)}
-    by_graphs = {}
+    by_graphs, warm_up = {}, {}
     for graphs in ("off", "on"):  # on CPU "on" runs the padded steps eagerly: the code path only
         runner.cuda_graphs, runner.max_model_len = graphs, 256
         decode = by_graphs[graphs] = {}
         for batch in batches:
+            t0 = time.perf_counter()  # the engine warms up (compiles, captures graphs) as it starts
             engine = LLMEngine(EngineConfig(model="default", dtype="bfloat16", device=device, drafter="off",
                                             tree_budget=0, num_blocks=max(64, batch * 40), max_num_seqs=batch,
                                             max_model_len=256), executor)
+            sync()
+            start_s = time.perf_counter() - t0
             prompts = [[(7 * b + i) % model["vocab_size"] for i in range(32)] for b in range(batch)]
-            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-            engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up (and graph capture)
+            params, short = SamplingParams(max_tokens=new_tokens, ignore_eos=True), SamplingParams(max_tokens=4,
+                                                                                                   ignore_eos=True)
+            first = timed(lambda: engine.generate(prompts, short), sync, 1)  # nothing left to compile or capture
+            again = timed(lambda: engine.generate(prompts, short), sync, 1)
+            warm_up[f"{graphs}/{batch}"] = {"engine_start_s": round(start_s, 2),
+                                            "first_request_ratio": round(first / again, 3)}
             seconds = timed(lambda: engine.generate(prompts, params), sync, 1)
             decode[str(batch)] = round(batch * new_tokens / seconds, 1)
+    out["warm_up"] = warm_up  # first_request_ratio near 1: the first request pays no compile or capture
     decode = out["decode_tok_s"] = by_graphs["off"]
     out["decode_tok_s_cuda_graphs"] = by_graphs["on"]
     out["cuda_graphs_speedup"] = {b: round(by_graphs["on"][b] / by_graphs["off"][b], 3) for b in decode}

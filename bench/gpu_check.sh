@@ -23,9 +23,10 @@ case " $* " in
     *)  # the kernel test suite compiled on the GPU (the CPU runs it in Triton's interpreter)
         KERNEL_TESTS="not run (no pytest)"
         if "$PY" -c "import pytest" >/dev/null 2>&1; then
-            if timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree.py \
-                tests/test_kernels_attention.py >&2; then KERNEL_TESTS=passed; else KERNEL_TESTS=failed; fi
+            if timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_tree.py \
+                tests/test_kernels_attention.py tests/test_kernels_decode.py tests/test_kernels_ops.py >&2
+            then KERNEL_TESTS=passed; else KERNEL_TESTS=failed; fi
         fi
         export KERNEL_TESTS ;;
 esac
-exec timeout 420 "$PY" bench/gpu_check.py "$@"
+exec timeout 400 "$PY" bench/gpu_check.py "$@"

@@ -15,7 +15,8 @@ Qwen3ForCausalLM       attention_bias  yes      attention_bias  ``use_sliding_wi
 ``architecture_fields(config)`` reads those switches from a config.json dict and refuses,
 with a message naming it, every architecture or setting the engine cannot honour (an
 unknown architecture, another activation, MLP biases, a quantized checkpoint, a RoPE type
-engine/model.py does not compute, partial rotary embeddings): a setting is served exactly
+engine/model.py does not compute (default, linear, llama3 and YaRN it does), partial rotary
+embeddings): a setting is served exactly
 or not at all, never ignored.
 
 Sliding-window attention: the attention kernels attend over the whole context, which equals
@@ -47,7 +48,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("Qwen2ForCausalLM", "qwen2", "Qwen2", True, False, False, "use_sliding_window"),
     Architecture("Qwen3ForCausalLM", "qwen3", "Qwen3", None, None, True, "use_sliding_window"),
 )}
-ROPE_TYPES = ("default", "linear", "llama3")  # what engine/model.py rope_inv_freq computes
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # what engine/model.py rope_inv_freq computes
 
 
 class UnsupportedModel(ValueError):
@@ -111,6 +112,8 @@ def architecture_fields(config: dict) -> dict:
     if rope_type(config) not in ROPE_TYPES:
         raise UnsupportedModel(f"{arch.name}: unsupported rope_scaling type {rope_type(config)!r} "
                                f"(supported: {', '.join(ROPE_TYPES)})")
+    if rope_type(config) == "yarn" and not (rope.get("factor") and rope.get("original_max_position_embeddings")):
+        raise UnsupportedModel(f"{arch.name}: yarn needs factor and original_max_position_embeddings in rope_scaling")
     if rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedModel(f"{arch.name}: partial_rotary_factor != 1 is not supported")
     types = set(config.get("layer_types") or []) - {"full_attention", "sliding_attention"}

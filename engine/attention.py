@@ -68,6 +68,18 @@ def triton_attention(device: torch.device):
     return module, decode
 
 
+def triton_ops(device: torch.device):
+    """treespec_kernels.triton_ops, the fused norm / RoPE / SiLU-mul kernels the layers run
+    wherever attention runs on Triton (engine/model.py), interpreted on CPU like the attention
+    kernels (``triton_attention`` checks the interpreter flag)."""
+    triton_attention(device)
+    import treespec_kernels.triton_ops as ops
+
+    if (type(ops._rms_norm_kernel).__name__ == "InterpretedFunction") != (device.type != "cuda"):
+        ops = importlib.reload(sys.modules["treespec_kernels.triton_ops"])
+    return ops
+
+
 @dataclass
 class AttentionMetadata:
     """What every attention layer of one forward needs, on the forward's device.
@@ -96,6 +108,7 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None = None
     packed_mask: torch.Tensor | None = None
     kernels: tuple = None  # triton backend: the kernel modules (triton_attention, triton_decode)
+    ops: object = None  # triton backend: treespec_kernels.triton_ops, the layers' fused elementwise ops
     plans: dict = field(default_factory=dict)  # built by the first layer: torch: padding and mask;
                                                # triton: the decode kernel's split count
     split_context: int | None = None  # the context the split count is chosen for (None: the
@@ -139,6 +152,7 @@ def unpack_input(flat: torch.Tensor, layout: InputLayout, device: torch.device, 
         lens[:batch], lens[batch:], max_q, mask,
         pack_mask(mask) if mask is not None and backend == "triton" else None,
         triton_attention(device) if backend == "triton" else None,
+        triton_ops(device) if backend == "triton" else None,
         split_context=layout.split_context,
     )
     return ids, pos, logits_idx, meta

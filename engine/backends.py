@@ -35,12 +35,16 @@ class ModelForward:
         self.feature_layers = feature_layers
 
     def forward(self, inp: ModelInput, kv_cache: torch.Tensor) -> ModelOutput:
-        ids, positions, logits_indices, meta = upload(inp, self.device, self.attention)
+        return ModelOutput(*self.run(*upload(inp, self.device, self.attention)))
+
+    def run(self, ids, positions, logits_indices, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward over tensors already on the device (what a CUDA graph records):
+        (logits [M, V], hidden rows: the final hidden state or feature_layers' inputs)."""
         if self.feature_layers is None:
             hidden = features = self.model(ids, positions, meta)
         else:
             hidden, features = self.model.forward_features(ids, positions, meta, self.feature_layers)
-        return ModelOutput(self.model.compute_logits(hidden[logits_indices]), features)
+        return self.model.compute_logits(hidden[logits_indices]), features
 
 
 class FusedCPUForward:

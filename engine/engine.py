@@ -120,6 +120,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         num_blocks = kv_cache_blocks(config, executor)
         executor.allocate_kv(num_blocks, config.block_size)
+        # Compiles, graph captures and NCCL setup happen here, before the replica reports healthy.
+        speculative_rows = config.tree_budget + config.lookup_tokens if drafter is not None else 0
+        executor.warm_up(config.max_num_seqs, 1 + speculative_rows,
+                         min(config.max_num_batched_tokens, config.max_model_len))
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         # One sequence alone must always fit, or a long generation could wedge the cache; a model
         # with a sliding window is served exactly up to its window (engine/architectures.py).

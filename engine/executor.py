@@ -27,6 +27,11 @@ class Executor:
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         raise NotImplementedError
 
+    def warm_up(self, max_seqs: int, rows_per_seq: int, prefill_rows: int) -> None:
+        """Pay every rank's one-time costs (kernel compiles, CUDA graph captures, NCCL setup)
+        before the first request (ModelRunner.warm_up); after allocate_kv, before any request."""
+        raise NotImplementedError
+
     def execute(self, inp: ModelInput, sampling: SamplingInput) -> StepOutput:
         """One step: the forward, then verification and sampling where the target's tensors
         are (engine/verify.py); the small result comes back."""
@@ -61,6 +66,9 @@ class InProcessExecutor(Executor):
 
     def allocate_kv(self, num_blocks, block_size):
         self.runner.allocate_kv(num_blocks, block_size)
+
+    def warm_up(self, max_seqs, rows_per_seq, prefill_rows):
+        self.runner.warm_up(max_seqs, rows_per_seq, prefill_rows)
 
     def execute(self, inp, sampling):
         return self.runner.step(inp, sampling, hidden_to_host=False)  # the drafter is in this process

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from engine.model import rope_attention_factor
 from engine.weights import cache_root
 from treespec_kernels import cpu_fused
 
@@ -87,7 +88,9 @@ def target_fallback_reason(cfg) -> str | None:
     """Why the kernel cannot run this target's layers (an engine.config.ModelConfig), or None.
     The kernel computes Llama's layer: no projection biases, no per-head q/k norms."""
     extras = [name for name, on in (("QKV biases", cfg.qkv_bias), ("an o_proj bias", cfg.o_bias),
-                                    ("q/k head norms", cfg.qk_norm)) if on]
+                                    ("q/k head norms", cfg.qk_norm),
+                                    ("YaRN's attention factor", rope_attention_factor(cfg.rope_scaling) != 1.0))
+              if on]
     return f"{cfg.family} has {' and '.join(extras)}" if extras else None
 
 
@@ -334,8 +337,9 @@ class FusedModel(_Packed):
         int8: int8 weights on AMX-INT8 or AVX512-VNNI or in the AVX2 build (``pack_arenas``); embed: the target's
         bf16 embedding [V, H] (kept by reference), for ``run(ids=, feats=)``."""
         c = model.cfg
-        if fused_disabled_reason(model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
-            return None
+        if model.rope.attention_factor != 1.0 or fused_disabled_reason(
+                model.fc.weight, attention=(c.head_dim, c.num_attention_heads, c.num_key_value_heads)):
+            return None  # the kernel's RoPE has no cos/sin factor (YaRN)
         with torch.no_grad():
             layers = [(torch.cat([L.q_proj.weight, L.k_proj.weight, L.v_proj.weight]), L.o_proj.weight,
                        L.mlp.gate_up_proj.weight, L.mlp.down_proj.weight,

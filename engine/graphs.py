@@ -142,9 +142,7 @@ class _Graph:
         self.layout.split_context = example.block_tables.shape[1] * kv_cache.shape[3]
 
         def run():
-            ids, positions, logits_indices, meta = unpack_input(self.flat, self.layout, eager.device, eager.attention)
-            hidden = eager.model(ids, positions, meta)
-            return eager.model.compute_logits(hidden[logits_indices]), hidden
+            return eager.run(*unpack_input(self.flat, self.layout, eager.device, eager.attention))
 
         stream = torch.cuda.Stream(eager.device)
         stream.wait_stream(torch.cuda.current_stream(eager.device))

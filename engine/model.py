@@ -43,13 +43,29 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2], with llama3 / linear scaling applied."""
+    """Inverse frequencies [head_dim // 2], with llama3 / linear / YaRN scaling applied."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq.float()
     if kind == "linear":
         return (inv_freq / scaling["factor"]).float()
+    if kind == "yarn":
+        # Dimensions that turn fewer than beta_slow times over the original context are
+        # interpolated (slowed by the factor), those turning more than beta_fast times kept,
+        # with a linear ramp between (YaRN, arXiv:2309.00071; transformers' rounding of the range).
+        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def dim_turning(turns: float) -> float:
+            return head_dim * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_turning(fast), dim_turning(slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        return (inv_freq / factor * ramp + inv_freq * (1 - ramp)).float()
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -64,6 +80,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
+def rope_attention_factor(scaling: dict | None) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature (its ``attention_factor``,
+    else 0.1 ln(factor) + 1, or the ratio of its two mscale terms); 1 for the other types."""
+    scaling = scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE (Hugging Face layout).
 
@@ -74,11 +106,14 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] -> cos [N, 1, D], signed sin [N, 1, D] (first half negated), in dtype."""
         freqs = positions.float()[:, None] * self.inv_freq.float()  # fp32 like transformers, even after .to(bf16)
         cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([-sin, sin], -1)[:, None].to(dtype)
 
     def rotate(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
@@ -118,13 +153,18 @@ class Attention(nn.Module):
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)
-        cos_sin = cos_sin if cos_sin is not None else self.rope.cos_sin(positions, x.dtype)
         # q and k are adjacent in the fused projection: rotate them as one [n, H + Hkv, D] block.
         qk = qkv[:, : q_size + kv_size].view(n, -1, self.head_dim)
-        if self.q_norm is not None:
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        qk = self.rope.rotate(qk, cos_sin)
+        if meta.ops is not None:  # one launch: the q/k head norms and RoPE, in place
+            norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            meta.ops.rope(qk, positions, self.rope.inv_freq, norms, self.num_heads,
+                          self.q_norm.eps if norms else 0.0, scale=self.rope.attention_factor)
+        else:
+            cos_sin = cos_sin if cos_sin is not None else self.rope.cos_sin(positions, x.dtype)
+            if self.q_norm is not None:
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+                qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+            qk = self.rope.rotate(qk, cos_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size:].view(n, self.num_kv_heads, self.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
@@ -140,8 +180,12 @@ class MLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, dtype)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    def forward(self, x, ops=None):
+        """ops: treespec_kernels.triton_ops on the Triton path (silu(gate) * up in one launch)."""
+        gate_up = self.gate_up_proj(x)
+        if ops is not None:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -156,6 +200,19 @@ class DecoderLayer(nn.Module):
     def forward(self, x, positions, meta, cos_sin=None):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, delta, residual, positions, meta):
+        """The Triton path: each residual add runs fused with the norm after it (meta.ops).
+        delta: the previous layer's MLP output, added to ``residual`` (the stream, updated in
+        place) here; None at layer 0. Returns (this layer's MLP output, the stream)."""
+        ops, eps = meta.ops, self.input_layernorm.eps
+        if delta is None:
+            h = ops.rms_norm(residual, self.input_layernorm.weight, eps)
+        else:
+            h, residual = ops.add_rms_norm(delta, residual, self.input_layernorm.weight, eps)
+        attn = self.self_attn(h, positions, meta)
+        h, residual = ops.add_rms_norm(attn, residual, self.post_attention_layernorm.weight, eps)
+        return self.mlp(h, ops), residual
 
 
 class Decoder(nn.Module):
@@ -172,15 +229,24 @@ class Decoder(nn.Module):
         whole residual stream there, transformers' ``hidden_states[i]`` (0: the embedding
         output); EAGLE-3 drafters read three of them."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos_sin = self.rope.cos_sin(positions, x.dtype)
         taps = {}
-        for i, layer in enumerate(self.layers):
-            if capture is not None and i in capture:
-                taps[i] = x
-            x = layer(x, positions, meta, cos_sin)
+        if meta.ops is not None:  # the Triton path: x is the stream, updated in place
+            x, delta = (x if inputs_embeds is None else x.clone()), None
+            for i, layer in enumerate(self.layers):
+                if capture is not None and i in capture:
+                    taps[i] = x.clone() if delta is None else x + delta
+                delta, x = layer.forward_fused(delta, x, positions, meta)
+            hidden, _ = meta.ops.add_rms_norm(delta, x, self.norm.weight, self.norm.eps)
+        else:
+            cos_sin = self.rope.cos_sin(positions, x.dtype)
+            for i, layer in enumerate(self.layers):
+                if capture is not None and i in capture:
+                    taps[i] = x
+                x = layer(x, positions, meta, cos_sin)
+            hidden = self.norm(x)
         if capture is None:
-            return self.norm(x)
-        return self.norm(x), torch.cat([taps[i] for i in capture], dim=-1)
+            return hidden
+        return hidden, torch.cat([taps[i] for i in capture], dim=-1)
 
 
 class CausalLM(nn.Module):

@@ -5,12 +5,14 @@ CPU kernel) is the runner's backend, chosen once (engine/backends.py).
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from engine.backends import choose_backend
 from engine.batch import ModelInput, ModelOutput, SamplingInput, SeqInput, StepOutput, build_model_input
 from engine.config import ModelConfig
-from engine.graphs import ROW_BUCKETS, GraphForward
+from engine.graphs import BATCH_BUCKETS, ROW_BUCKETS, GraphForward
 from engine.kv_cache import kv_blocks_for_memory
 from engine.model import CausalLM
 from engine.parallel import TPGroup, pack_cpu_weights
@@ -161,6 +163,49 @@ class ModelRunner:
         if self.cuda_graphs == "on":
             return True
         return self.device.type == "cuda" and getattr(self.backend, "attention", None) == "triton"
+
+    @torch.inference_mode()
+    def warm_up(self, max_seqs: int, rows_per_seq: int, prefill_rows: int, always: bool = False) -> list[tuple]:
+        """Run the step shapes serving will run before the first request, so that their
+        one-time costs are paid while the replica is still starting: Triton compiles each
+        kernel variant (prefill-shaped, and decode-shaped per rows-per-sequence bucket), CUDA
+        graphs are captured for every (batch, rows) bucket serving can reach, and the first
+        all-reduce sets up NCCL's communicators. Every rank of a TP group must call it.
+
+        max_seqs: the most sequences a step batches; rows_per_seq: the most rows one sequence
+        brings to a step (1 + tree budget + lookup tokens); prefill_rows: the longest prefill
+        forward (max_num_batched_tokens, capped by the KV cache). Writes garbage K/V into the
+        first blocks: call it before any sequence owns a block. Only on CUDA, where there is
+        something to compile or capture (always: also elsewhere, for tests). Returns the
+        shapes run: ("prefill", rows) and ("step", sequences, rows per sequence)."""
+        if getattr(self, "kv_cache", None) is None or (self.device.type != "cuda" and not always):
+            return []
+        bs = self.block_size
+        per_seq_blocks = min(self.num_blocks, -(-(1 + ROW_BUCKETS[-1]) // bs))
+        prefill_rows = min(prefill_rows, self.num_blocks * bs)
+        shapes: list[tuple] = [("prefill", prefill_rows)]
+        top_rows = ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, min(rows_per_seq, ROW_BUCKETS[-1]))]
+        rows = [r for r in ROW_BUCKETS if r <= min(top_rows, per_seq_blocks * bs - 1)]
+        # Compiled kernels depend on the rows per sequence only; a graph is recorded per batch too.
+        batches = [1]
+        if isinstance(self.backend, GraphForward):
+            top_batch = BATCH_BUCKETS[bisect.bisect_left(BATCH_BUCKETS, min(max_seqs, BATCH_BUCKETS[-1]))]
+            batches = [b for b in BATCH_BUCKETS if b <= top_batch]
+        shapes += [("step", b, r) for b in batches for r in rows]
+        table = list(range(per_seq_blocks))
+        for shape in shapes:
+            if shape[0] == "prefill":
+                seqs = [SeqInput([0] * prefill_rows, [i % self.config.max_position_embeddings
+                                                      for i in range(prefill_rows)],
+                                 list(range(-(-prefill_rows // bs))), 0)]
+            else:  # one cached token, then a chain of r rows: a decode (r = 1) or verify step
+                _, b, r = shape
+                seqs = [SeqInput([0] * r, list(range(1, r + 1)), table, 1,
+                                 tree_parents=list(range(-1, r - 1)), logits_rows=list(range(r)))] * b
+            self.forward(build_model_input(seqs, bs))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return shapes
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> ModelOutput:

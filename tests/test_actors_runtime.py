@@ -322,6 +322,28 @@ def test_tiny_model_tp2_with_drafter_actor(tiny):
         replica.shutdown()
 
 
+def test_qwen3_target_with_eagle3_drafter_actor_on_tp2_shards(tmp_path):
+    """Another family on shard actors: a Qwen3 target (QKV and o_proj biases, q/k head norms)
+    split over two ranks, a random EAGLE-3 drafter actor reading three of its layers' inputs
+    from rank 0: the tokens of plain greedy decoding in one process."""
+    from conftest import random_model_dir
+
+    path = random_model_dir(str(tmp_path / "qwen3"), "qwen3", heads=4, kv_heads=2, hidden=64, layers=7, vocab=384,
+                            seed=3, attention_bias=True)
+    prompts, params = [[5, 17, 42, 8, 99, 3], [250, 7, 7, 64]], SamplingParams(max_tokens=16, ignore_eos=True)
+    expected = in_process_tokens(path, prompts, params, max_model_len=256)
+    replica = Replica(tiny_config(path, tp=2, drafter="eagle3", draft_path="random", tree_budget=8, draft_top_k=4,
+                                  draft_depth=4, lookup_tokens=0),
+                      executor_options=SMALL, drafter_required=True)
+    try:
+        outs = replica.generate(prompts, params)
+        assert [o.token_ids for o in outs] == expected
+        assert sum(o.seq.stats.drafted for o in outs) > 0  # trees drafted from the shards' features
+        assert replica.engine.executor.config.architecture == "Qwen3ForCausalLM"
+    finally:
+        replica.shutdown()
+
+
 # ---------------------------------------------------------------------- configuration
 
 

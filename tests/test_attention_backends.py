@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, random_llama_dir
+from conftest import ROOT, random_llama_dir, random_model_dir
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -60,11 +60,21 @@ def tokens_in_child(model_dir: str, dtype: str, attention_backend: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_engine_through_triton_equals_torch(tiny_dir, dtype):
-    torch_outs, torch_exec = run_engine(tiny_dir, dtype, "torch")
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """Every switch of the registry's families at once: QKV and o_proj biases, q/k head norms."""
+    return random_model_dir(str(tmp_path_factory.mktemp("qwen3")), "qwen3", heads=4, kv_heads=2, hidden=64,
+                            layers=2, vocab=300, seed=6, attention_bias=True)
+
+
+@pytest.mark.parametrize("model,dtype", [("llama", "float32"), ("llama", "float16"), ("qwen3", "float32")])
+def test_engine_through_triton_equals_torch(tiny_dir, qwen3_dir, model, dtype):
+    """The Triton path's layers also run the fused norm / RoPE / SiLU-mul kernels
+    (treespec_kernels/triton_ops.py): the same tokens as the torch ops."""
+    model_dir = tiny_dir if model == "llama" else qwen3_dir
+    torch_outs, torch_exec = run_engine(model_dir, dtype, "torch")
     assert torch_exec.runner.backend.attention == "torch"
-    triton_run = tokens_in_child(tiny_dir, dtype, "triton")
+    triton_run = tokens_in_child(model_dir, dtype, "triton")
     assert triton_run["attention"] == "triton"
     assert triton_run["tokens"] == [o.token_ids for o in torch_outs]
     assert all(len(o.token_ids) == 12 for o in torch_outs)
@@ -73,6 +83,9 @@ def test_engine_through_triton_equals_torch(tiny_dir, dtype):
     assert triton_run["verify_steps"] >= len(PROMPTS)
     calls = triton_run["calls"]
     assert calls["decode"] > 0 and calls["decode_split"] > 0 and calls["prefill"] > 0, calls
+    forwards = calls["rms_norm"]  # one per target forward (layer 0's input norm)
+    assert forwards > 0 and calls["rope"] == calls["silu_mul"] == 2 * forwards, calls
+    assert calls["add_rms_norm"] == 2 * 2 * forwards, calls  # 2 x layers: one in layer 0, two later, one final
 
 
 def test_triton_on_cpu_needs_the_interpreter_from_the_start(tiny_dir):
@@ -113,10 +126,11 @@ def test_generate_cli_forces_the_triton_backend():
 
 
 def count_kernel_calls() -> dict:
-    """Wrap the Triton entry points that engine.attention.attend calls; returns the live counts."""
+    """Wrap the Triton entry points that engine.attention.attend and the layers call; returns the
+    live counts."""
     import torch
 
-    from engine.attention import triton_attention
+    from engine.attention import triton_attention, triton_ops
 
     prefill_kernel, decode_kernel = triton_attention(torch.device("cpu"))
     calls = {"decode": 0, "decode_split": 0, "prefill": 0}
@@ -133,6 +147,15 @@ def count_kernel_calls() -> dict:
 
     decode_kernel.paged_attention_decode = counted_decode
     prefill_kernel.paged_attention_packed = counted_prefill
+    ops = triton_ops(torch.device("cpu"))  # the layers' fused elementwise ops
+    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul"):
+        calls[name] = 0
+
+        def counted(*args, _op=getattr(ops, name), _name=name, **kw):
+            calls[_name] += 1
+            return _op(*args, **kw)
+
+        setattr(ops, name, counted)
     return calls
 
 

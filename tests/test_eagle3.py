@@ -7,7 +7,6 @@ plain decoding (T = 0) and the exact distribution of the first tokens (T > 0) fo
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

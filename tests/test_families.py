@@ -72,6 +72,32 @@ def test_logits_equal_transformers(family_dir, tmp_path, tie):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+     "attention_factor": 1.25},
+], ids=["qwen-recommended", "explicit"])
+def test_yarn_rope_equals_transformers(tmp_path, rope):
+    """YaRN (Qwen2.5 / Qwen3's long-context setting): frequencies blended between interpolated
+    and kept, cos/sin scaled by the attention factor; 150 tokens reach past the original 32-64."""
+    from engine.backends import FusedCPUForward
+
+    d = random_model_dir(str(tmp_path / "m"), "qwen2", seed=8, rope_scaling={**rope, "rope_theta": 10000.0}, **SHAPE)
+    assert ModelConfig.from_path(d).rope_scaling["rope_type"] == "yarn"
+    runner = ModelRunner(d, "float32")
+    assert runner.model.model.rope.attention_factor == pytest.approx(rope.get("attention_factor", 1.1386294), 1e-6)
+    runner.allocate_kv(64, 4)
+    ids = torch.randint(0, 320, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours = engine_logits(runner, ids, 100, list(range(64)))
+    with torch.no_grad():
+        ref = hf_model(d)(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # The fused CPU kernel's RoPE has no cos/sin factor: a YaRN Llama runs its torch forward.
+    llama = random_model_dir(str(tmp_path / "l"), "llama", seed=8, rope_scaling={**rope, "rope_theta": 10000.0},
+                             **SHAPE)
+    assert not isinstance(ModelRunner(llama, "bfloat16").backend, FusedCPUForward)
+
+
 def test_tp2_equals_tp1(family_dir, tmp_path):
     single = tp_logits(family_dir, 1, str(tmp_path / "one.pt"))
     sharded = tp_logits(family_dir, 2, str(tmp_path / "tp.pt"))
@@ -166,6 +192,8 @@ REFUSED = {
     "mlp_bias": dict(mlp_bias=True),
     "quantized checkpoints \\(fp8\\)": dict(quantization_config={"quant_method": "fp8"}),
     "rope_scaling type 'dynamic'": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+    "yarn needs factor and original_max_position_embeddings": dict(
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
     "partial_rotary_factor": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                    "partial_rotary_factor": 0.5}),
     "layer_types \\['chunked_attention'\\]": dict(layer_types=["chunked_attention", "full_attention"]),

@@ -133,6 +133,9 @@ def test_engine_with_graph_runner_equals_plain(model_dir, drafter):
                                      max_model_len=cfg.max_model_len)
         engine = LLMEngine(cfg, executor, load_drafter(cfg, model_dir, executor) if drafter != "off" else None)
         if graphs == "on":
+            # The warm-up's garbage K/V (written before any sequence owns a block) changes nothing.
+            shapes = executor.runner.warm_up(cfg.max_num_seqs, 9, 40, always=True)
+            assert shapes == [("prefill", 40)] + [("step", b, r) for b in (1, 2, 4, 8, 16) for r in (1, 2, 4, 8, 16)]
             backend = executor.runner.backend
             assert isinstance(backend, GraphForward)
             forward = backend.forward
@@ -149,3 +152,25 @@ def test_engine_with_graph_runner_equals_plain(model_dir, drafter):
             assert sum(o.seq.stats.drafted for o in done) > 0
     assert outs["on"] == outs["off"]
     assert padded_steps >= 5  # decode steps really ran padded
+
+
+def test_engine_warms_up_the_shapes_it_will_serve(model_dir, monkeypatch):
+    """LLMEngine asks every rank to warm up (compiles, graph captures, NCCL) at start, for its
+    batch, its largest tree step and its longest prefill; on CPU the runner skips it (nothing
+    to compile or capture), and without graphs one sequence per row bucket is enough."""
+    from engine.build import build_engine
+    from engine.config import EngineConfig
+    from engine.executor import InProcessExecutor
+
+    calls = []
+    monkeypatch.setattr(InProcessExecutor, "warm_up", lambda self, *args: calls.append(args))
+    build_engine(EngineConfig(model=model_dir, dtype="float32", num_blocks=64, max_num_seqs=3, drafter="eagle",
+                              draft_path="random", tree_budget=8, lookup_tokens=6, max_num_batched_tokens=512))
+    build_engine(EngineConfig(model=model_dir, dtype="float32", num_blocks=64, drafter="off"))
+    assert calls == [(3, 15, 512), (16, 1, 2048)]
+    monkeypatch.undo()
+    runner = ModelRunner(model_dir, "float32", "cpu", attention_backend="torch")
+    runner.allocate_kv(8, 4)
+    assert runner.warm_up(4, 9, 64) == []  # CPU: nothing to pay for
+    shapes = runner.warm_up(4, 9, 64, always=True)
+    assert shapes == [("prefill", 32)] + [("step", 1, r) for r in (1, 2, 4, 8, 16)]  # 8 blocks of 4 tokens

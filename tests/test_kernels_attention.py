@@ -32,13 +32,16 @@ def _import_triton_modules():
         import treespec_kernels.triton_attention as ta
         import treespec_kernels.triton_compaction as tc
         import treespec_kernels.triton_decode as td
+        import treespec_kernels.triton_ops as to
 
         if interpret and type(ta._tree_attention_kernel).__name__ != "InterpretedFunction":
             ta, tc = importlib.reload(ta), importlib.reload(tc)  # imported earlier without the flag
         if (interpret and type(td._decode_attention_kernel).__name__ != "InterpretedFunction"
                 or td._load_kv is not ta._load_kv):  # the decode kernel builds on ta's helpers
             td = importlib.reload(td)
-        return ta, tc, td
+        if interpret and type(to._rms_norm_kernel).__name__ != "InterpretedFunction":
+            to = importlib.reload(to)
+        return ta, tc, td, to
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -46,7 +49,7 @@ def _import_triton_modules():
             os.environ["TRITON_INTERPRET"] = old
 
 
-triton_attention, triton_compaction, triton_decode = _import_triton_modules()
+triton_attention, triton_compaction, triton_decode, triton_ops = _import_triton_modules()
 
 
 @pytest.fixture(autouse=True)

@@ -66,7 +66,8 @@ class Eagle3Config:
         if d.get("num_hidden_layers", 1) != 1:
             raise ValueError(f"EAGLE-3 drafter config: num_hidden_layers={d['num_hidden_layers']}; "
                              "only the one-midlayer architecture is supported")
-        target = ModelConfig.from_dict({"num_hidden_layers": 1, **d}, "LlamaForCausalLM")  # heads, head_dim, rope: read as a target's
+        # heads, head_dim, rope, read as a target's: the midlayer is a Llama layer, whatever the target
+        target = ModelConfig.from_dict({"num_hidden_layers": 1, **d}, "LlamaForCausalLM")
         ids = aux_layer_ids(d)
         return cls(
             hidden_size=target.hidden_size, num_attention_heads=target.num_attention_heads,

@@ -72,7 +72,8 @@ def eagle_from_published(fmt: DrafterFormat, target: ModelConfig, state: dict) -
     """EAGLE-1/2 -> EagleModel: ``layers.i.self_attn.X_proj`` -> ``layers.i.X_proj``, ``mlp.gate_proj``
     and ``mlp.up_proj`` fused into ``mlp.gate_up_proj`` (gate rows first), norms and fc kept."""
     layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-    sizes = ModelConfig.from_dict({**fmt.config, "vocab_size": target.vocab_size}, "LlamaForCausalLM")  # heads, head_dim, rope, eps
+    # heads, head_dim, rope, eps: its layers are Llama layers, whatever the target's family
+    sizes = ModelConfig.from_dict({**fmt.config, "vocab_size": target.vocab_size}, "LlamaForCausalLM")
     cfg = EagleConfig.from_target(sizes, num_layers=layers)
     cfg.input_norm, cfg.fc_bias, cfg.rope_scaling = False, "fc.bias" in state, sizes.rope_scaling
     take = _Take(fmt, state)
