@@ -6,6 +6,8 @@ created by the first LLM replica that reports, one per application.
 """
 from __future__ import annotations
 
+import os
+
 from ray.serve import Application
 
 from app.config import AppConfig
@@ -16,6 +18,7 @@ from app.server import LLMServer
 def app_builder(args: dict) -> Application:
     """args: AppConfig fields as strings (command line) or typed values (Serve config file)."""
     cfg = AppConfig.from_args(args)
+    check_model(cfg)
     num_gpus = cfg.num_gpus
     if cfg.engine.device.startswith("cuda") and num_gpus == 0 and not cfg.use_ray_executor:
         num_gpus = 1  # with the ray executor the shard actors hold the GPUs, not the server replica
@@ -41,3 +44,16 @@ def app_builder(args: dict) -> Application:
 
 # `serve run app:deployment` imports this name; Serve calls it with the key=value arguments.
 deployment = app_builder
+
+
+def check_model(cfg: AppConfig) -> None:
+    """A checkpoint directory readable where the application is built is checked there, so an
+    architecture or setting the engine refuses (engine/architectures.py), or a TP degree its heads
+    do not split into, stops ``serve run`` with one line instead of failing every replica's
+    start. A path that exists only on the cluster's workers is checked by the replicas."""
+    from engine.config import ModelConfig
+    from engine.weights import DEFAULT_MODEL
+
+    model = cfg.engine.model
+    if model != DEFAULT_MODEL and os.path.isfile(os.path.join(model, "config.json")):
+        ModelConfig.from_path(model).validate_tp(cfg.engine.tp)

@@ -93,6 +93,25 @@ def _err(cls, body) -> APIError:
     return info.value
 
 
+def test_builder_refuses_a_model_the_engine_cannot_serve(tmp_path):
+    """An unsupported architecture or a TP degree the heads do not split into stops the build
+    with the engine's one-line reason, before any replica starts."""
+    import json
+
+    from app.builder import app_builder
+    from engine.architectures import UnsupportedModel
+
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModel, match="architecture Qwen3MoeForCausalLM is not supported"):
+        app_builder({"model": str(tmp_path)})
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    with pytest.raises(ValueError, match="tp=3 must divide the 2 attention heads"):
+        app_builder({"model": str(tmp_path), "tp": "3", "executor": "ray"})
+    assert app_builder({"model": str(tmp_path)}) is not None
+
+
 def test_request_validation():
     ok = parse(ChatCompletionRequest, json.dumps({
         "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
