@@ -27,6 +27,7 @@ from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.drafters.loading import load_drafter
 from engine.executor import InProcessExecutor
+from engine.graphs import GraphForward
 
 PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2, 250, 8], [64, 65, 66, 67, 68, 69, 70, 71, 72],
            [(7 * i) % 300 for i in range(70)]]
@@ -38,11 +39,15 @@ def tiny_dir(tmp_path_factory):
                             vocab=300, seed=5)
 
 
-def run_engine(model_dir: str, dtype: str, attention_backend: str):
-    executor = InProcessExecutor(model_dir, dtype, attention_backend=attention_backend)
+def run_engine(model_dir: str, dtype: str, attention_backend: str, cuda_graphs: str = "off"):
+    """cuda_graphs="on": decode and verify steps padded to their buckets (engine/graphs.py), as a
+    CUDA graph replays them; on CPU they run eagerly."""
+    executor = InProcessExecutor(model_dir, dtype, attention_backend=attention_backend, cuda_graphs=cuda_graphs,
+                                 max_model_len=256)
     cfg = EngineConfig(model=model_dir, drafter="eagle", draft_path="random", tree_budget=8, draft_depth=4,
                        draft_top_k=2, block_size=16, num_blocks=64, seed=0, dtype=dtype,
-                       draft_min_prob=0.0, draft_vocab_size=0, attention_backend=attention_backend)
+                       draft_min_prob=0.0, draft_vocab_size=0, attention_backend=attention_backend,
+                       cuda_graphs=cuda_graphs, max_model_len=256)
     drafter = load_drafter(cfg, model_dir, executor, seed=1)
     engine = LLMEngine(cfg, executor, drafter)
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
@@ -50,11 +55,12 @@ def run_engine(model_dir: str, dtype: str, attention_backend: str):
     return outs, executor
 
 
-def tokens_in_child(model_dir: str, dtype: str, attention_backend: str) -> dict:
+def tokens_in_child(model_dir: str, dtype: str, attention_backend: str, cuda_graphs: str = "off") -> dict:
     """run_engine in a fresh process with Triton's interpreter on: {"attention", "tokens", "drafted",
     "verify_steps", "calls"}."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, __file__, model_dir, dtype, attention_backend], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, __file__, model_dir, dtype, attention_backend, cuda_graphs], cwd=ROOT,
+                         env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -67,14 +73,17 @@ def qwen3_dir(tmp_path_factory):
                             layers=2, vocab=300, seed=6, attention_bias=True)
 
 
-@pytest.mark.parametrize("model,dtype", [("llama", "float32"), ("llama", "float16"), ("qwen3", "float32")])
-def test_engine_through_triton_equals_torch(tiny_dir, qwen3_dir, model, dtype):
+@pytest.mark.parametrize("model,dtype,graphs", [("llama", "float32", "off"), ("llama", "float16", "off"),
+                                                ("qwen3", "float32", "on")])
+def test_engine_through_triton_equals_torch(tiny_dir, qwen3_dir, model, dtype, graphs):
     """The Triton path's layers also run the fused norm / RoPE / SiLU-mul kernels
-    (treespec_kernels/triton_ops.py): the same tokens as the torch ops."""
+    (treespec_kernels/triton_ops.py): the same tokens as the torch ops; the Qwen3 run also
+    pads its decode and verify steps to CUDA-graph buckets (run eagerly here)."""
     model_dir = tiny_dir if model == "llama" else qwen3_dir
     torch_outs, torch_exec = run_engine(model_dir, dtype, "torch")
     assert torch_exec.runner.backend.attention == "torch"
-    triton_run = tokens_in_child(model_dir, dtype, "triton")
+    triton_run = tokens_in_child(model_dir, dtype, "triton", graphs)
+    assert triton_run["graphs"] == (graphs == "on")
     assert triton_run["attention"] == "triton"
     assert triton_run["tokens"] == [o.token_ids for o in torch_outs]
     assert all(len(o.token_ids) == 12 for o in torch_outs)
@@ -161,9 +170,10 @@ def count_kernel_calls() -> dict:
 
 if __name__ == "__main__":  # the child of tokens_in_child
     calls = count_kernel_calls()
-    outs, executor = run_engine(*sys.argv[1:4])
+    outs, executor = run_engine(*sys.argv[1:5])
     print(json.dumps({
-        "attention": executor.runner.backend.attention,
+        "attention": getattr(executor.runner.backend, "eager", executor.runner.backend).attention,
+        "graphs": isinstance(executor.runner.backend, GraphForward),
         "tokens": [o.token_ids for o in outs],
         "drafted": sum(o.seq.stats.drafted for o in outs),
         "verify_steps": sum(o.seq.stats.verify_steps for o in outs),
