@@ -198,10 +198,11 @@ class ModelRunner:
                 seqs = [SeqInput([0] * prefill_rows, [i % self.config.max_position_embeddings
                                                       for i in range(prefill_rows)],
                                  list(range(-(-prefill_rows // bs))), 0)]
-            else:  # one cached token, then a chain of r rows: a decode (r = 1) or verify step
+            else:  # one cached token, then a plain decode step (r = 1) or a chain-shaped tree of r rows
                 _, b, r = shape
                 seqs = [SeqInput([0] * r, list(range(1, r + 1)), table, 1,
-                                 tree_parents=list(range(-1, r - 1)), logits_rows=list(range(r)))] * b
+                                 tree_parents=list(range(-1, r - 1)) if r > 1 else None,
+                                 logits_rows=list(range(r)))] * b
             self.forward(build_model_input(seqs, bs))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
