@@ -22,8 +22,13 @@ from engine.batch import ModelInput, ModelOutput
 from engine.fused import FusedModel, target_fallback_reason
 
 log = logging.getLogger(__name__)
-_logged_feature_fallback = False  # choose_backend says once per process that feature capture skips the fused kernel
-_logged_fallbacks: set[str] = set()  # and once per reason why a target's layers do not fit it
+_logged: set[str] = set()  # why a target skips the fused kernel, said once per process and reason
+
+
+def _log_once(key: str, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info(message, *args)
 
 
 class ModelForward:
@@ -86,18 +91,14 @@ def choose_backend(model, device: torch.device, attention_backend: str = "auto",
     attention = resolve_attention_backend(attention_backend, device)
     eager = ModelForward(model, device, attention, feature_layers)
     if fused and feature_layers is not None and attention_backend == "auto" and device.type == "cpu":
-        global _logged_feature_fallback
-        if not _logged_feature_fallback:
-            _logged_feature_fallback = True
-            log.info("capturing the inputs of layers %s (EAGLE-3 features): the target runs its torch "
-                     "forward, not the fused CPU kernel", list(feature_layers))
+        _log_once("features", "capturing the inputs of layers %s (EAGLE-3 features): the target runs its torch "
+                  "forward, not the fused CPU kernel", list(feature_layers))
         fused = False
     if fused and attention_backend == "auto" and device.type == "cpu":
         reason = target_fallback_reason(model.config)
-        if reason and model.lm_head.weight.dtype == torch.bfloat16 and reason not in _logged_fallbacks:
-            _logged_fallbacks.add(reason)
-            log.info("the fused CPU kernel computes Llama's layer and %s: the target runs its torch forward",
-                     reason)
+        if reason and model.lm_head.weight.dtype == torch.bfloat16:
+            _log_once(reason, "the fused CPU kernel computes Llama's layer and %s: the target runs its torch "
+                      "forward", reason)
         packed = FusedModel.for_target(model)
         if packed is not None:
             return FusedCPUForward(packed, eager)

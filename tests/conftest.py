@@ -1,6 +1,7 @@
 """Shared fixtures. The code runs from the repository root (not installed)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -123,6 +124,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_cluster(num_cpus: int, **ray_init):
+    """A fresh local Ray with Serve's HTTP proxy on a free loopback port, shut down on exit;
+    yields (base URL, port). ray_init: more ``ray.init`` arguments."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False, **ray_init)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def wait_healthy(url: str, timeout: float = 180) -> None:

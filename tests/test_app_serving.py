@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
-from conftest import free_port, replica_status, wait_healthy, wait_replica_idle
+from conftest import free_port, replica_status, serve_cluster, wait_healthy, wait_replica_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 CONTEXT = 512
@@ -94,26 +93,20 @@ def served():
     from app import deployment
 
     receiver = OTLPReceiver()
-    port, metrics_port = free_port(), free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=8, configure_logging=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    metrics_port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # Exactly what `serve run app:deployment key=value ...` hands the builder: strings.
-        # drafter=off: this app checks the plain path; drafters are exercised by the "tight" app below.
-        app = deployment({"drafter": "off", "dtype": "float32",
-                          "max_num_seqs": "2", "max_waiting": "2", "max_model_len": str(CONTEXT),
-                          "queue_timeout_s": "20", "report_interval_s": "0.5", "torch_threads": "2",
-                          "otlp_endpoint": receiver.endpoint, "trace_export_delay_ms": "200"})
-        serve.run(app, name="treespec", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base, timeout=120)
-        yield {"base": base, "receiver": receiver, "ray_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "openai": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)}
+        with serve_cluster(8, _metrics_export_port=metrics_port) as (base, _):
+            # Exactly what `serve run app:deployment key=value ...` hands the builder: strings.
+            # drafter=off: this app checks the plain path; drafters are exercised by the "tight" app below.
+            app = deployment({"drafter": "off", "dtype": "float32",
+                              "max_num_seqs": "2", "max_waiting": "2", "max_model_len": str(CONTEXT),
+                              "queue_timeout_s": "20", "report_interval_s": "0.5", "torch_threads": "2",
+                              "otlp_endpoint": receiver.endpoint, "trace_export_delay_ms": "200"})
+            serve.run(app, name="treespec", route_prefix="/")
+            wait_healthy(base, timeout=120)
+            yield {"base": base, "receiver": receiver, "ray_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                   "openai": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         receiver.close()
 
 

@@ -11,11 +11,10 @@ import time
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 from safetensors.torch import save_file
 
-from conftest import free_port, wait_healthy
+from conftest import serve_cluster, wait_healthy
 from engine.build import build_engine
 from engine.config import EngineConfig, ModelConfig
 from engine.sampling import SamplingParams
@@ -40,14 +39,8 @@ def drafters(tmp_path_factory, target):  # noqa: F811 (the imported fixture)
 
 @pytest.fixture(scope="module")
 def cluster():
-    port = free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=8, configure_logging=False, log_to_driver=False, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_cluster(8, include_dashboard=False) as (base, _):
+        yield base
 
 
 def plain_answer(target: str, max_tokens: int) -> str:

@@ -23,10 +23,9 @@ import time
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
-from conftest import free_port, replica_status, wait_healthy, wait_replica_idle
+from conftest import replica_status, serve_cluster, wait_healthy, wait_replica_idle
 
 CONTEXT = 256
 SOAK_RATE = 0.8  # req/s of 8 tokens: below what this replica (ray executor, random drafter, 1 thread) sustains
@@ -37,23 +36,14 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 def served():
     from app import deployment
 
-    port = free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=16, configure_logging=False, log_to_driver=False, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serve_cluster(16, include_dashboard=False) as (base, port):
         app = deployment({"executor": "ray", "tp": "1", "dtype": "float32", "drafter": "eagle", "draft_path": "random",
                           "tree_budget": "4", "router": "false", "max_num_seqs": "4", "max_waiting": "16",
                           "max_model_len": str(CONTEXT), "kv_cache_gib": "0.1", "queue_timeout_s": "30",
                           "report_interval_s": "0.5", "torch_threads": "1"})
         serve.run(app, name="rel", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
         wait_healthy(base)
         yield {"base": base, "port": port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 async def _stream(client: httpx.AsyncClient, base: str, max_tokens: int, read_delay: float = 0.0,

@@ -20,7 +20,7 @@ from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, par
 from app.security import (KEYS_ENV, KEYS_FILE_ENV, APIKeys, Guard, GuardSettings, api_keys_configured,
                           guard_settings, load_api_keys)
 from conftest import replica_status, wait_replica_idle
-from conftest import free_port
+from conftest import serve_cluster, wait_healthy
 from test_app_serving import MODEL, QUESTION, OTLPReceiver
 
 KEYS = ("tsk-" + secrets.token_hex(16), "tsk-" + secrets.token_hex(16))
@@ -250,34 +250,20 @@ def keyed():
     from app import deployment
 
     receiver = OTLPReceiver()
-    port = free_port()
     saved = {k: os.environ.pop(k, None) for k in (KEYS_ENV, KEYS_FILE_ENV)}
     os.environ[KEYS_ENV] = ",".join(KEYS)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = deployment({"drafter": "off", "dtype": "float32", "max_num_seqs": "2", "max_model_len": str(CONTEXT),
-                          "torch_threads": "2", "report_interval_s": "0.5", "otlp_endpoint": receiver.endpoint,
-                          "trace_export_delay_ms": "200", "max_request_bytes": str(LIMIT),
-                          "request_read_timeout_s": "2", "stream_idle_timeout_s": "5", "max_messages": "4"})
-        serve.run(app, name="keyed", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=10).status_code == 200:  # open: no key
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the application never became healthy"
-            time.sleep(0.5)
-        yield {"base": base, "port": port, "receiver": receiver,
-               "logs": ray._private.worker._global_node.get_logs_dir_path()}
+        with serve_cluster(4) as (base, port):
+            app = deployment({"drafter": "off", "dtype": "float32", "max_num_seqs": "2",
+                              "max_model_len": str(CONTEXT), "torch_threads": "2", "report_interval_s": "0.5",
+                              "otlp_endpoint": receiver.endpoint, "trace_export_delay_ms": "200",
+                              "max_request_bytes": str(LIMIT), "request_read_timeout_s": "2",
+                              "stream_idle_timeout_s": "5", "max_messages": "4"})
+            serve.run(app, name="keyed", route_prefix="/")
+            wait_healthy(base, timeout=120)  # /health is open: no key
+            yield {"base": base, "port": port, "receiver": receiver,
+                   "logs": ray._private.worker._global_node.get_logs_dir_path()}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         receiver.close()
         for k, v in saved.items():
             os.environ.pop(k, None)
